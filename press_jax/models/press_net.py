@@ -1,0 +1,336 @@
+"""PRESS-Net: encoder, speaker split, scanned decoder stages with probabilistic exits (SPEC §6).
+
+    mixture (batch, samples)
+      -> Encoder -> encoder RecurrentBlocks (scanned)           (batch, frames, width)
+      -> SpeakerSplit                                           (batch, speakers, frames, width)
+      -> StageGroups (scanned, stacked parameters); each stage ends in an exit:
+           WaveformHead -> mean                                 (batch, speakers, samples)
+           VarianceHead -> log_var, log_alpha per block         (batch, speakers, blocks)
+    -> ExitOutputs with a leading exit axis.
+
+Use `create(preset)` for a model, `init_params(model, key)` for parameters and `load(directory)`
+for a saved model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Any
+
+import flax.linen as nn
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float, Int
+
+from press_jax import config as config_lib
+from press_jax.models.layers import AttentionBlock, RecurrentBlock
+from press_jax.types import ExitOutputs
+
+PARAMS_FILE = "params.msgpack"
+CONFIG_FILE = "config.json"
+_RMS_EPSILON = 1e-8  # Added to the mixture power before normalising; only guards silence.
+
+
+# --- framing --------------------------------------------------------------------------------
+def num_frames(samples: int, kernel: int, stride: int) -> int:
+  """Encoder frames for `samples` samples: ceil(samples / stride) + kernel / stride - 1."""
+  return -(-samples // stride) + kernel // stride - 1
+
+
+def num_blocks(samples: int, block_length: int) -> int:
+  """Likelihood / exit blocks: ceil(samples / block_length); the last one may be ragged."""
+  return -(-samples // block_length)
+
+
+def frame_signal(signal: Float[Array, "batch samples"], kernel: int, stride: int):
+  """Overlapping frames of a zero-padded signal, (batch, frames, kernel); a strided Conv1d input."""
+  overlap = kernel // stride
+  samples = signal.shape[-1]
+  segments = -(-samples // stride) + 2 * overlap - 2
+  left = (overlap - 1) * stride
+  padded = jnp.pad(signal, ((0, 0), (left, segments * stride - samples - left)))
+  pieces = padded.reshape(signal.shape[0], segments, stride)
+  frames = segments - overlap + 1
+  return jnp.concatenate([pieces[:, k:k + frames] for k in range(overlap)], axis=-1)
+
+
+def overlap_add(frames: Float[Array, "... frames kernel"], stride: int, samples: int):
+  """Inverse of `frame_signal`'s layout: sum overlapping frames, crop to `samples`."""
+  count, kernel = frames.shape[-2:]
+  overlap = kernel // stride
+  lead = frames.shape[:-2]
+  pieces = frames.reshape(*lead, count, overlap, stride)
+  no_pad = [(0, 0)] * len(lead)
+  total = sum(
+      jnp.pad(pieces[..., k, :], no_pad + [(k, overlap - 1 - k), (0, 0)])
+      for k in range(overlap))
+  flat = total.reshape(*lead, (count + overlap - 1) * stride)
+  left = (overlap - 1) * stride
+  return flat[..., left:left + samples]
+
+
+# --- modules ----------------------------------------------------------------------------------
+class Encoder(nn.Module):
+  """Conv1d(1 -> channels, kernel, stride, no bias) -> GELU -> RMSNorm -> Dense(width)."""
+
+  channels: int
+  kernel: int
+  stride: int
+  width: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, mixture: Float[Array, "batch samples"]) -> Float[Array, "batch frames width"]:
+    frames = frame_signal(mixture, self.kernel, self.stride)
+    hidden = nn.Dense(self.channels, use_bias=False, dtype=self.dtype, name="conv")(frames)
+    hidden = nn.RMSNorm(name="norm")(nn.gelu(hidden))
+    return nn.Dense(self.width, dtype=self.dtype, name="projection")(hidden)
+
+
+class SpeakerSplit(nn.Module):
+  """Dense(D -> 2SD) -> GLU -> Dense(SD) -> S streams -> RMSNorm."""
+
+  speakers: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Float[Array, "batch frames width"]):
+    batch, frames, width = x.shape
+    value, gate = jnp.split(
+        nn.Dense(2 * self.speakers * width, dtype=self.dtype, name="expand")(x), 2, axis=-1)
+    streams = nn.Dense(self.speakers * width, dtype=self.dtype, name="mix")(
+        value * jax.nn.sigmoid(gate))
+    streams = streams.reshape(batch, frames, self.speakers, width).transpose(0, 2, 1, 3)
+    return nn.RMSNorm(name="norm")(streams)  # (batch, speakers, frames, width)
+
+
+class WaveformHead(nn.Module):
+  """RMSNorm -> GLU -> transposed Conv1d(kernel, stride) to one waveform per stream."""
+
+  kernel: int
+  stride: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, streams: Float[Array, "batch speakers frames width"], samples: int):
+    width = streams.shape[-1]
+    hidden = nn.RMSNorm(name="norm")(streams)
+    value, gate = jnp.split(nn.Dense(2 * width, dtype=self.dtype, name="glu")(hidden), 2, -1)
+    frames = nn.Dense(self.kernel, dtype=self.dtype, name="transposed_conv")(
+        value * jax.nn.sigmoid(gate))
+    return overlap_add(frames.astype(jnp.float32), self.stride, samples)
+
+
+class VarianceHead(nn.Module):
+  """Pool frames over each block -> MLP -> softplus -> (log_var, log_alpha) per block."""
+
+  hidden: int
+  alpha_floor: float
+  variance_floor: float
+
+  @nn.compact
+  def __call__(
+      self,
+      streams: Float[Array, "batch speakers frames width"],
+      frame_block: Int[Array, "batch frames"],
+      frame_weight: Float[Array, "batch frames"],
+      blocks: int,
+  ):
+    hidden = nn.RMSNorm(name="norm")(streams).astype(jnp.float32)
+    weighted = hidden * frame_weight[:, None, :, None]
+
+    def pool_one(features, block_ids):  # (speakers, frames, width), (frames,)
+      return jax.ops.segment_sum(
+          features.transpose(1, 0, 2), block_ids, num_segments=blocks,
+          indices_are_sorted=True).transpose(1, 0, 2)
+
+    pooled = jax.vmap(pool_one)(weighted, frame_block)  # (batch, speakers, blocks, width)
+    hidden = nn.gelu(nn.Dense(self.hidden, name="hidden")(pooled))
+    raw = nn.Dense(2, name="output")(hidden)
+    variance = self.variance_floor + jax.nn.softplus(raw[..., 0])
+    alpha = self.alpha_floor + jax.nn.softplus(raw[..., 1])
+    return jnp.log(variance), jnp.log(alpha)
+
+
+class StageGroup(nn.Module):
+  """One scan step: `stages_per_group` stages, each a run of blocks followed by its exit."""
+
+  config: config_lib.PressConfig
+  samples: int
+  blocks: int
+
+  @nn.compact
+  def __call__(self, streams, context):
+    config = self.config
+    frame_mask, frame_block, frame_weight = context
+    dtype = jnp.dtype(config.dtype)
+    exits = []
+    for stage in range(config.stages_per_group):
+      rnn_count = attention_count = 0
+      for kind in config.stage_layout(stage):
+        if kind == "rnn":
+          streams = RecurrentBlock(
+              config.rnn_hidden, config.ffn_hidden, config.layer_scale_init, dtype,
+              name=f"stage{stage}_rnn{rnn_count}")(streams, frame_mask[:, None, :])
+          rnn_count += 1
+        else:
+          streams = AttentionBlock(
+              config.attention_heads, config.attention_ffn_hidden, config.layer_scale_init,
+              dtype, name=f"stage{stage}_attention{attention_count}")(streams)
+          attention_count += 1
+      mean = WaveformHead(config.encoder_kernel, config.encoder_stride, dtype,
+                          name=f"stage{stage}_waveform_head")(streams, self.samples)
+      log_var, log_alpha = VarianceHead(
+          config.variance_width, config.alpha_floor, config.variance_floor,
+          name=f"stage{stage}_variance_head")(streams, frame_block, frame_weight, self.blocks)
+      exits.append((mean, log_var, log_alpha))
+    stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *exits)
+    return streams, stacked
+
+
+class EncoderBlock(nn.Module):
+  """A RecurrentBlock in scan-step form (carry, frame_mask) -> (carry, None)."""
+
+  config: config_lib.PressConfig
+
+  @nn.compact
+  def __call__(self, x, frame_mask):
+    config = self.config
+    x = RecurrentBlock(config.rnn_hidden, config.ffn_hidden, config.layer_scale_init,
+                       jnp.dtype(config.dtype), name="block")(x, frame_mask)
+    return x, None
+
+
+class PressNet(nn.Module):
+  """PRESS-Net; returns every exit's (mean, log_var, log_alpha) stacked on a leading exit axis.
+
+  `mask` marks valid samples (1) and padding at the end of each utterance (0); outputs on the
+  valid samples do not depend on the padding. `scan_unroll` and `remat` change how the stages are
+  compiled, not what they compute.
+  """
+
+  config: config_lib.PressConfig
+  scan_unroll: int | bool = 1
+  remat: bool = False
+
+  @nn.compact
+  def __call__(
+      self,
+      mixture: Float[Array, "batch samples"],
+      mask: Float[Array, "batch samples"] | None = None,
+  ) -> ExitOutputs:
+    config = self.config
+    batch, samples = mixture.shape
+    mask = jnp.ones_like(mixture) if mask is None else mask.astype(mixture.dtype)
+    mixture = mixture * mask
+    lengths = mask.sum(-1)  # (batch,)
+    if config.normalize_input:
+      power = (mixture ** 2).sum(-1) / jnp.maximum(lengths, 1.0)
+      scale = jnp.sqrt(power + _RMS_EPSILON)
+    else:
+      scale = jnp.ones((batch,), mixture.dtype)
+    normalised = mixture / scale[:, None]
+
+    dtype = jnp.dtype(config.dtype)
+    latent = Encoder(config.encoder_channels, config.encoder_kernel, config.encoder_stride,
+                     config.width, dtype, name="encoder")(normalised)
+    frame_mask, frame_block, frame_weight = self.frame_context(lengths, samples)
+
+    if config.encoder_blocks:
+      block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
+      encoder_stack = nn.scan(
+          block, variable_axes={"params": 0}, split_rngs={"params": True},
+          in_axes=nn.broadcast, length=config.encoder_blocks, unroll=self.scan_unroll)
+      latent, _ = encoder_stack(config, name="encoder_blocks")(latent, frame_mask)
+
+    streams = SpeakerSplit(config.speakers, dtype, name="speaker_split")(latent)
+
+    blocks = num_blocks(samples, config.block_length)
+    group = nn.remat(StageGroup) if self.remat else StageGroup
+    stages = nn.scan(
+        group, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=nn.broadcast, length=config.groups, unroll=self.scan_unroll)
+    _, (mean, log_var, log_alpha) = stages(config, samples, blocks, name="stages")(
+        streams, (frame_mask, frame_block, frame_weight))
+
+    def exits_first(x):  # (groups, stages_per_group, ...) -> (exits, ...)
+      return x.reshape(config.exits, *x.shape[2:])
+
+    mean, log_var, log_alpha = map(exits_first, (mean, log_var, log_alpha))
+    if config.cumulative_exits:
+      log_var, log_alpha = cumulative_exit_parameters(log_var, log_alpha)
+    mean = mean * scale[None, :, None, None] * mask[None, :, None, :]
+    log_var = log_var + 2.0 * jnp.log(scale)[None, :, None, None]
+    return ExitOutputs(mean=mean, log_var=log_var, log_alpha=log_alpha)
+
+  def frame_context(self, lengths, samples):
+    """Per-frame validity, block index and pooling weight, each (batch, frames)."""
+    config = self.config
+    frames = num_frames(samples, config.encoder_kernel, config.encoder_stride)
+    start = (np.arange(frames) - (config.encoder_kernel // config.encoder_stride - 1)
+             ) * config.encoder_stride
+    centre = jnp.asarray(start + config.encoder_kernel // 2)[None, :]
+    last_valid = jnp.maximum(lengths - 1, 0).astype(jnp.int32)[:, None]
+    frame_mask = (jnp.asarray(start)[None, :] < lengths[:, None]).astype(jnp.float32)
+    frame_block = jnp.clip(centre, 0, last_valid) // config.block_length
+    blocks = num_blocks(samples, config.block_length)
+    counts = jax.vmap(lambda m, b: jax.ops.segment_sum(m, b, num_segments=blocks))(
+        frame_mask, frame_block)
+    frame_weight = frame_mask / jnp.maximum(jnp.take_along_axis(counts, frame_block, 1), 1.0)
+    return frame_mask, frame_block, frame_weight
+
+
+def cumulative_exit_parameters(log_var, log_alpha):
+  """The 'cumulative' exits: alpha_e = sum_{k<=e} alpha_k, 1/beta_e = sum_{k<=e} 1/beta_k."""
+  log_beta = log_alpha + log_var
+  log_alpha_cumulative = jnp.log(jnp.cumsum(jnp.exp(log_alpha), axis=0))
+  log_beta_cumulative = -jnp.log(jnp.cumsum(jnp.exp(-log_beta), axis=0))
+  return log_beta_cumulative - log_alpha_cumulative, log_alpha_cumulative
+
+
+# --- constructors -----------------------------------------------------------------------------
+def create(preset: str | config_lib.PressConfig = "S", **overrides) -> PressNet:
+  """A PressNet from a preset name ('tiny', 'S', 'M') or a PressConfig, with fields overridden."""
+  if isinstance(preset, config_lib.PressConfig):
+    return PressNet(preset.replace(**overrides) if overrides else preset)
+  return PressNet(config_lib.preset(preset, **overrides))
+
+
+def init_params(model: PressNet, key: jax.Array, samples: int | None = None):
+  """Initial parameters; `samples` only sets the dummy input length (default: one block)."""
+  samples = samples or model.config.block_length
+  return jax.jit(model.init)(key, jnp.zeros((1, samples), jnp.float32))["params"]
+
+
+def save(directory: str, model: PressNet, params) -> None:
+  """Write `config.json` and `params.msgpack` (flax serialization) into `directory`."""
+  os.makedirs(directory, exist_ok=True)
+  with open(os.path.join(directory, CONFIG_FILE), "w") as handle:
+    handle.write(model.config.to_json())
+  params = jax.device_get(params)
+  temporary = os.path.join(directory, PARAMS_FILE + ".tmp")
+  with open(temporary, "wb") as handle:
+    handle.write(flax.serialization.to_bytes(params))
+  os.replace(temporary, os.path.join(directory, PARAMS_FILE))
+
+
+def load(directory: str) -> tuple[PressNet, Any]:
+  """(model, params) from a directory written by `save`."""
+  config_path = os.path.join(directory, CONFIG_FILE)
+  params_path = os.path.join(directory, PARAMS_FILE)
+  if not os.path.isfile(config_path) or not os.path.isfile(params_path):
+    raise FileNotFoundError(
+        f"load: {directory!r} does not hold {CONFIG_FILE} and {PARAMS_FILE} (written by "
+        "press_jax.models.press_net.save)")
+  with open(config_path) as handle:
+    config = config_lib.PressConfig.from_dict(json.load(handle))
+  model = PressNet(config)
+  target = jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
+  target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), target)
+  with open(params_path, "rb") as handle:
+    params = flax.serialization.from_bytes(target, handle.read())
+  return model, params

@@ -1,0 +1,70 @@
+"""Parameter and GMAC/s counts of the presets, cross-checked against real models and XLA."""
+
+import json
+
+import jax
+import pytest
+
+from experiments import model_table
+from press_jax import compute
+from press_jax import config as config_lib
+
+
+def within(value, target, tolerance):
+  return abs(value - target) <= tolerance * target
+
+
+def test_s_preset_matches_the_paper():
+  costs = compute.exit_costs(config_lib.preset("S"))
+  assert len(costs) == 4
+  assert 3.40e6 <= costs[-1].params <= 3.60e6
+  assert within(costs[-1].gmac_per_s, 11.3, 0.10)
+
+
+def test_m_preset_matches_the_paper():
+  costs = compute.exit_costs(config_lib.preset("M"))
+  assert len(costs) == 12
+  assert within(costs[11].params, 22.4e6, 0.05)
+  assert within(costs[7].params, 15.6e6, 0.05)
+  assert within(costs[7].gmac_per_s, 54.4, 0.10)
+  assert within(costs[11].gmac_per_s, 79.7, 0.10)
+
+
+def test_costs_grow_with_depth():
+  costs = compute.exit_costs(config_lib.preset("M"))
+  params = [c.params for c in costs]
+  gmacs = [c.gmac_per_s for c in costs]
+  assert params == sorted(params) and gmacs == sorted(gmacs)
+
+
+@pytest.mark.parametrize("name,exit_number", [("S", 2), ("tiny", 2), ("M", 5)])
+def test_params_per_exit_equal_a_truncated_model(name, exit_number):
+  """A separately built network cut after that exit has exactly that many parameters."""
+  config = config_lib.preset(name)
+  cut = compute.truncated(config, exit_number)
+  shapes = compute.parameter_shapes(cut)
+  total = sum(leaf.size for leaf in jax.tree_util.tree_leaves(shapes))
+  assert total == compute.params_per_exit(config)[exit_number - 1]
+
+
+@pytest.mark.parametrize("name,exit_number", [("tiny", 2), ("S", 1)])
+def test_analytic_count_agrees_with_xla_cost_analysis(name, exit_number):
+  """XLA counts every flop (activations, norms, the scan's extra work); dense MACs dominate."""
+  config = config_lib.preset(name)
+  analytic = compute.gmac_per_second(config, exit_number, all_heads=True)
+  xla = compute.xla_gmac_per_second(config, exit_number, seconds=0.5)
+  assert 1.0 <= xla / analytic <= 1.3, (xla, analytic)
+
+
+def test_model_table_json(capsys):
+  model_table.main(["--json", "--presets", "S"])
+  table = json.loads(capsys.readouterr().out)
+  assert [row["exit"] for row in table] == [1, 2, 3, 4]
+  assert set(table[0]) == {"preset", "exit", "params", "gmac_per_s"}
+  assert table[-1]["preset"] == "S"
+
+
+def test_model_table_readable(capsys):
+  model_table.main(["--presets", "S"])
+  out = capsys.readouterr().out
+  assert "GMAC/s" in out and "11.3" in out

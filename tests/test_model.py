@@ -1,0 +1,219 @@
+"""PRESS-Net modules: shapes, framing, recurrence, padding and scale behaviour, bad input."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from press_jax import config as config_lib
+from press_jax import validation
+from press_jax.models import layers, press_net
+from press_jax.types import ExitOutputs
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_model_and_params():
+  model = press_net.create("tiny")
+  return model, press_net.init_params(model, jax.random.key(0))
+
+
+@functools.lru_cache(maxsize=None)
+def tiny_apply():
+  model, _ = tiny_model_and_params()
+  return jax.jit(lambda params, x, mask: model.apply({"params": params}, x, mask))
+
+
+def randomise(params, key, scale=0.3):
+  """Random parameters (LayerScale at 1e-5 would make every exit nearly identical)."""
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(key, len(leaves))
+  return jax.tree_util.tree_unflatten(
+      tree, [leaf + scale * jax.random.normal(k, leaf.shape) for leaf, k in zip(leaves, keys)])
+
+
+def test_outputs_are_stacked_exits():
+  model, params = tiny_model_and_params()
+  mixture = jax.random.normal(jax.random.key(1), (3, 2500))
+  outputs = tiny_apply()(params, mixture, jnp.ones_like(mixture))
+  config = model.config
+  assert isinstance(outputs, ExitOutputs)
+  assert outputs.mean.shape == (config.exits, 3, config.speakers, 2500)
+  blocks = -(-2500 // config.block_length)
+  assert outputs.log_var.shape == (config.exits, 3, config.speakers, blocks)
+  assert outputs.log_alpha.shape == (config.exits, 3, config.speakers, blocks)
+  assert np.all(np.isfinite(outputs.mean)) and np.all(np.isfinite(outputs.log_var))
+  # alpha >= alpha_floor, and beta = alpha * exp(log_var).
+  assert np.all(outputs.alpha >= config.alpha_floor * 0.999)
+  np.testing.assert_allclose(outputs.beta, outputs.alpha * np.exp(outputs.log_var), rtol=1e-5)
+
+
+def test_linear_recurrence_matches_a_python_loop():
+  key_a, key_b = jax.random.split(jax.random.key(2))
+  decay = jax.random.uniform(key_a, (2, 37, 5))
+  drive = jax.random.normal(key_b, (2, 37, 5))
+  forward = np.zeros((2, 37, 5))
+  backward = np.zeros((2, 37, 5))
+  state = np.zeros((2, 5))
+  for t in range(37):
+    state = decay[:, t] * state + drive[:, t]
+    forward[:, t] = state
+  state = np.zeros((2, 5))
+  for t in reversed(range(37)):
+    state = decay[:, t] * state + drive[:, t]
+    backward[:, t] = state
+  np.testing.assert_allclose(layers.linear_recurrence(decay, drive), forward, rtol=1e-5,
+                             atol=1e-5)
+  np.testing.assert_allclose(layers.linear_recurrence(decay, drive, reverse=True), backward,
+                             rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kernel,stride,samples", [(16, 4, 1001), (32, 8, 999), (16, 4, 16)])
+def test_framing_is_a_strided_convolution_and_overlap_add_its_transpose(kernel, stride, samples):
+  key_x, key_w, key_f = jax.random.split(jax.random.key(3), 3)
+  signal = jax.random.normal(key_x, (2, samples))
+  weights = jax.random.normal(key_w, (kernel,))
+  frames = press_net.frame_signal(signal, kernel, stride)
+  assert frames.shape[1] == press_net.num_frames(samples, kernel, stride)
+  # Independent reference: lax.conv with the same zero padding.
+  pad = kernel - stride
+  count = frames.shape[1]
+  right = (count - 1) * stride + kernel - samples - pad
+  reference = jax.lax.conv_general_dilated(
+      signal[:, None, :], weights[None, None, :], (stride,), [(pad, right)])[:, 0]
+  np.testing.assert_allclose(frames @ weights, reference, rtol=1e-4, atol=1e-4)
+  # overlap_add is the adjoint of framing: <frame(x), y> == <x, overlap_add(y)>.
+  y = jax.random.normal(key_f, frames.shape)
+  lhs = jnp.vdot(frames, y)
+  rhs = jnp.vdot(signal, press_net.overlap_add(y, stride, samples))
+  np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
+
+
+def test_padding_never_changes_the_valid_outputs():
+  model, params = tiny_model_and_params()
+  params = randomise(params, jax.random.key(4))
+  apply = tiny_apply()
+  length, padded_length = 1700, 2600
+  signal = jax.random.normal(jax.random.key(5), (1, length))
+  alone = apply(params, signal, jnp.ones_like(signal))
+  padded = jnp.pad(signal, ((0, 0), (0, padded_length - length)), constant_values=7.0)
+  mask = (jnp.arange(padded_length) < length).astype(jnp.float32)[None]
+  together = apply(params, padded, mask)
+  np.testing.assert_allclose(together.mean[..., :length], alone.mean, rtol=2e-4, atol=2e-5)
+  assert np.all(together.mean[..., length:] == 0)
+  blocks = alone.log_var.shape[-1]
+  np.testing.assert_allclose(together.log_var[..., :blocks], alone.log_var, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(together.log_alpha[..., :blocks], alone.log_alpha, rtol=1e-4,
+                             atol=1e-4)
+
+
+def test_scaling_the_mixture_scales_means_and_variances():
+  _, params = tiny_model_and_params()
+  params = randomise(params, jax.random.key(6))
+  signal = jax.random.normal(jax.random.key(7), (2, 1500))
+  mask = jnp.ones_like(signal)
+  base = tiny_apply()(params, signal, mask)
+  louder = tiny_apply()(params, 10.0 * signal, mask)
+  scale = float(np.abs(base.mean).max())
+  np.testing.assert_allclose(louder.mean, 10.0 * base.mean, rtol=1e-3, atol=1e-4 * scale)
+  np.testing.assert_allclose(louder.log_var, base.log_var + 2 * np.log(10.0), atol=1e-3)
+  np.testing.assert_allclose(louder.log_alpha, base.log_alpha, atol=1e-4)
+
+
+def test_exits_differ_after_training_like_parameters():
+  _, params = tiny_model_and_params()
+  params = randomise(params, jax.random.key(8))
+  signal = jax.random.normal(jax.random.key(9), (1, 1200))
+  outputs = tiny_apply()(params, signal, jnp.ones_like(signal))
+  assert not np.allclose(outputs.mean[0], outputs.mean[1])
+
+
+def test_cumulative_exit_parameters():
+  log_var = jax.random.normal(jax.random.key(10), (3, 1, 2, 4))
+  log_alpha = jax.random.normal(jax.random.key(11), (3, 1, 2, 4))
+  new_log_var, new_log_alpha = press_net.cumulative_exit_parameters(log_var, log_alpha)
+  alpha = np.exp(np.asarray(log_alpha, np.float64))
+  beta = alpha * np.exp(np.asarray(log_var, np.float64))
+  alpha_c = np.cumsum(alpha, 0)
+  beta_c = 1.0 / np.cumsum(1.0 / beta, 0)
+  np.testing.assert_allclose(np.exp(new_log_alpha), alpha_c, rtol=1e-5)
+  np.testing.assert_allclose(np.exp(new_log_var), beta_c / alpha_c, rtol=1e-5)
+
+
+def test_cumulative_option_runs_in_the_model():
+  model = press_net.create("tiny", cumulative_exits=True)
+  params = press_net.init_params(model, jax.random.key(0))
+  outputs = model.apply({"params": params}, jnp.ones((1, 1200)) * 0.1)
+  assert np.all(np.diff(np.asarray(outputs.log_alpha), axis=0) > 0)
+
+
+def test_sixteen_kilohertz_preset_scales_the_framing():
+  config = config_lib.preset("tiny", sample_rate=16000)
+  assert (config.encoder_stride, config.encoder_kernel, config.block_length) == (8, 32, 2000)
+  model = press_net.PressNet(config)
+  params = press_net.init_params(model, jax.random.key(0))
+  outputs = model.apply({"params": params}, jnp.ones((1, 3000)) * 0.1)
+  assert outputs.mean.shape == (config.exits, 1, 2, 3000)
+  assert outputs.log_var.shape[-1] == 2
+
+
+def test_s_preset_16k_uses_stride_8_kernel_32():
+  config = config_lib.preset("S", sample_rate=16000)
+  assert (config.encoder_stride, config.encoder_kernel, config.block_length) == (8, 32, 4000)
+
+
+def test_exit_ablation_keeps_the_backbone():
+  from press_jax import compute
+  counts = {exits: compute.params_per_exit(config_lib.preset("S", exits=exits))[-1]
+            for exits in (4, 6, 12)}
+  assert counts[4] < counts[6] < counts[12]
+  assert counts[12] / counts[4] < 1.05  # Only heads are added.
+
+
+def test_save_and_load_round_trip(tmp_path):
+  model, params = tiny_model_and_params()
+  press_net.save(str(tmp_path), model, params)
+  loaded_model, loaded_params = press_net.load(str(tmp_path))
+  assert loaded_model.config == model.config
+  for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(loaded_params)):
+    np.testing.assert_array_equal(a, b)
+
+
+def test_load_names_the_missing_directory(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nowhere"):
+    press_net.load(str(tmp_path / "nowhere"))
+
+
+def test_unknown_preset_and_bad_config():
+  with pytest.raises(ValueError, match="unknown preset"):
+    press_net.create("XL")
+  with pytest.raises(ValueError, match="decoder_blocks"):
+    config_lib.preset("S", exits=5)
+  with pytest.raises(ValueError, match="encoder_kernel"):
+    config_lib.preset("S", encoder_kernel=18)
+
+
+@pytest.mark.parametrize("mixture,kwargs,message", [
+    (np.zeros(800, np.float32), {}, r"expected shape \(batch, samples\).*\[None\]"),
+    (np.zeros((1, 2, 800), np.float32), {}, r"expected shape \(batch, samples\)"),
+    (np.zeros((1, 800), np.int16), {}, "floating-point.*int16"),
+    (np.array([[0.0] * 100 + [np.nan] + [0.0] * 100], np.float32), {}, "NaN/inf.*sample 100"),
+    (np.array([[0.0] * 100 + [np.inf] * 3], np.float32), {}, "NaN/inf"),
+    (np.zeros((1, 10), np.float32), {}, "shorter than one encoder frame"),
+    (np.zeros((1, 800), np.float32), {"sample_rate": 16000}, "8000 Hz.*16000"),
+    (np.zeros((1, 800), np.float32), {"mask": np.ones((1, 700))}, "mask: expected shape"),
+    (np.zeros((1, 800), np.float32), {"mask": np.r_[np.zeros(10), np.ones(790)][None]},
+     "valid samples followed by padding"),
+])
+def test_bad_mixtures_raise_clear_errors(mixture, kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    validation.check_waveforms(mixture, config_lib.preset("tiny"), **kwargs)
+
+
+def test_sources_must_match_the_model_speakers():
+  config = config_lib.preset("tiny")
+  with pytest.raises(ValueError, match="2 speakers, got 3"):
+    validation.check_sources(np.zeros((1, 3, 800)), np.zeros((1, 800)), config)
+  with pytest.raises(ValueError, match="do not match"):
+    validation.check_sources(np.zeros((1, 2, 700)), np.zeros((1, 800)), config)
