@@ -1,0 +1,1 @@
+"""Local speech and noise synthesis for the embedded press_synth corpus."""
