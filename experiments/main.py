@@ -1,0 +1,204 @@
+"""The main job: build the corpus, train, fine-tune on full-length audio, evaluate, report.
+
+Run:
+  python -m experiments.main                              # = --config demo --workdir runs/demo
+  python -m experiments.main --config S --workdir runs/S --set train.batch_size_per_device=2
+Every stage resumes: a finished stage is skipped, an interrupted one continues from its last
+checkpoint. Outputs in the work directory:
+  train/, finetune/      checkpoints, TensorBoard events, train_history.json
+  results.json           [{"exit", "si_snri_db", "params", "gmac_per_s"}, ...] on the test split
+  evaluation.json        everything measured (per-exit SI-SNR/SDRi, exit policies, regret)
+  plots/                 learning curve, SI-SNRi vs GMAC/s, regret vs GMAC/s
+Multi-host: pass --coordinator-address/--num-processes/--process-id (or the JAX_* variables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import jax
+
+import data_pipelines
+from experiments import configs, plots
+from press_jax import checkpointing, compute, distributed, evaluation, optim
+from press_jax import train as train_lib
+
+log = logging.getLogger("experiments.main")
+
+
+def data_arguments(data: configs.DataConfig) -> dict:
+  return {"data_dir": data.data_dir, "config": data.builder_config,
+          "manual_dir": data.manual_dir}
+
+
+def build_data(data: configs.DataConfig) -> None:
+  """Prepare the dataset once (press_synth is synthesised; others read the user's corpus)."""
+  started = time.perf_counter()
+  data_pipelines.build_dataset(data.dataset, data.data_dir, data.manual_dir,
+                               data.builder_config)
+  print(f"[data] {data.dataset}/{data.builder_config} ready "
+        f"({time.perf_counter() - started:.1f} s)", flush=True)
+
+
+def eval_iterator_factory(data: configs.DataConfig, split: str, max_batches: int | None):
+  """A callable returning a fresh full-length pass over `split` (at most max_batches)."""
+
+  def make():
+    iterator = data_pipelines.make_eval_iterator(
+        data.dataset, split=split, batch_size_per_device=data.eval_batch_size_per_device,
+        bucket_seconds=data.bucket_seconds, **data_arguments(data))
+    for index, batch in enumerate(iterator):
+      if max_batches is not None and index >= max_batches:
+        return
+      yield batch
+
+  return make
+
+
+def run_training(experiment: configs.ExperimentConfig, workdir: str) -> str:
+  """Stage 1: train on random crops. Returns the stage's work directory."""
+  stage_dir = os.path.join(workdir, "train")
+  config, data = experiment.train, experiment.data
+  iterator = data_pipelines.make_train_iterator(
+      data.dataset, split="train", batch_size_per_device=config.batch_size_per_device,
+      crop_seconds=data.crop_seconds, seed=config.seed, dynamic_mixing=data.dynamic_mixing,
+      **data_arguments(data))
+  print(f"[train] {config.model} for {config.steps} steps, batch "
+        f"{config.batch_size_per_device} x {jax.device_count()} devices, "
+        f"{data.crop_seconds} s crops -> {stage_dir}", flush=True)
+  train_lib.train(config, stage_dir, iterator,
+                  eval_iterator_factory(data, data.validation_split,
+                                        data.max_validation_batches),
+                  sample_rate=iterator.sample_rate,
+                  extra_meta={"experiment": experiment.name})
+  return stage_dir
+
+
+def finetune_config(experiment: configs.ExperimentConfig, init_from: str) -> train_lib.TrainConfig:
+  """The full-length fine-tuning stage as a TrainConfig starting from a finished run."""
+  finetune = experiment.finetune
+  steps = max(finetune.min_steps, round(finetune.steps_fraction * experiment.train.steps))
+  return dataclasses.replace(
+      experiment.train, steps=steps, batch_size_per_device=finetune.batch_size_per_device,
+      init_from=init_from, eval_every=0, time_limit_s=None,
+      log_every=max(1, min(experiment.train.log_every, steps // 4)),
+      checkpoint_every=max(1, min(experiment.train.checkpoint_every, steps)),
+      optimizer=optim.OptimizerConfig(
+          peak_learning_rate=finetune.peak_learning_rate,
+          warmup_steps=min(finetune.warmup_steps, steps), total_steps=steps,
+          b1=experiment.train.optimizer.b1, b2=experiment.train.optimizer.b2,
+          weight_decay=experiment.train.optimizer.weight_decay,
+          clip_norm=experiment.train.optimizer.clip_norm))
+
+
+def run_finetuning(experiment: configs.ExperimentConfig, workdir: str, init_from: str) -> str:
+  """Stage 2: fine-tune on whole utterances (padded to length buckets, masked)."""
+  stage_dir = os.path.join(workdir, "finetune")
+  config, data = finetune_config(experiment, init_from), experiment.data
+  iterator = data_pipelines.make_full_length_iterator(
+      data.dataset, split="train", batch_size_per_device=config.batch_size_per_device,
+      bucket_seconds=data.bucket_seconds, shuffle=True, seed=config.seed, num_epochs=None,
+      **data_arguments(data))
+  print(f"[finetune] full-length utterances for {config.steps} steps -> {stage_dir}", flush=True)
+  train_lib.train(config, stage_dir, iterator, sample_rate=iterator.sample_rate,
+                  extra_meta={"experiment": experiment.name, "stage": "finetune"})
+  return stage_dir
+
+
+def run_evaluation(experiment: configs.ExperimentConfig, workdir: str, model_dir: str) -> dict:
+  """Stage 3: the test split, every exit and the exit policies."""
+  model, params = checkpointing.load_model(model_dir)
+  costs = compute.exit_costs(model.config)
+  started = time.perf_counter()
+  summary = evaluation.evaluate(
+      model, params, eval_iterator_factory(experiment.data, experiment.data.test_split,
+                                           experiment.max_test_batches)(),
+      [c.gmac_per_s for c in costs], experiment.policy, with_sdr=experiment.with_sdr)
+  for entry, cost in zip(summary["per_exit"], costs):
+    entry["params"] = cost.params
+  summary["seconds"] = time.perf_counter() - started
+  summary["model_dir"] = model_dir
+  return summary
+
+
+def write_results(workdir: str, summary: dict) -> str:
+  """results.json (the per-exit table) and evaluation.json (everything)."""
+  results = [{"exit": e["exit"], "si_snri_db": round(e["si_snri_db"], 3),
+              "params": e["params"], "gmac_per_s": round(e["gmac_per_s"], 4)}
+             for e in summary["per_exit"]]
+  path = os.path.join(workdir, "results.json")
+  with open(path, "w") as handle:
+    json.dump(results, handle, indent=1)
+  with open(os.path.join(workdir, "evaluation.json"), "w") as handle:
+    json.dump(summary, handle, indent=1)
+  return path
+
+
+def format_report(summary: dict) -> str:
+  """The per-exit table and the dynamic policy's operating points."""
+  has_sdr = "sdri_db" in summary["per_exit"][0]
+  lines = [f"Test split: {summary['utterances']} utterances",
+           f"{'exit':>4} {'SI-SNRi (dB)':>13} {'SDRi (dB)':>10} {'params (M)':>11} {'GMAC/s':>8}"]
+  for e in summary["per_exit"]:
+    sdr = f"{e['sdri_db']:>10.2f}" if has_sdr else f"{'-':>10}"
+    lines.append(f"{e['exit']:>4} {e['si_snri_db']:>13.2f} {sdr} {e['params'] / 1e6:>11.3f} "
+                 f"{e['gmac_per_s']:>8.3f}")
+  lines.append(f"Dynamic exits (confidence p = {summary['dynamic'][0]['confidence']}):")
+  lines.append(f"{'t (dB)':>7} {'SI-SNRi':>8} {'GMAC/s':>8} {'mean exit':>10} {'regret':>7} "
+               f"{'oracle GMAC/s':>14} {'oracle regret':>14}")
+  for d in summary["dynamic"]:
+    lines.append(f"{d['target_db']:>7.1f} {d['si_snri_db']:>8.2f} {d['gmac_per_s']:>8.3f} "
+                 f"{d['mean_exit']:>10.2f} {d['regret_db']:>7.2f} {d['oracle_gmac_per_s']:>14.3f}"
+                 f" {d['oracle_regret_db']:>14.2f}")
+  return "\n".join(lines)
+
+
+def run(experiment: configs.ExperimentConfig, workdir: str) -> dict:
+  """All stages; returns the evaluation summary."""
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "experiment.json"), "w") as handle:
+    json.dump(experiment.to_dict(), handle, indent=1, default=str)
+  started = time.perf_counter()
+  build_data(experiment.data)
+  model_dir = run_training(experiment, workdir)
+  if experiment.finetune is not None:
+    model_dir = run_finetuning(experiment, workdir, model_dir)
+  summary = run_evaluation(experiment, workdir, model_dir)
+  if jax.process_index() == 0:
+    results_path = write_results(workdir, summary)
+    plot_paths = plots.plot_run(workdir, summary)
+    print(format_report(summary))
+    print(f"\nresults:     {results_path}\nevaluation:  {os.path.join(workdir, 'evaluation.json')}"
+          f"\ncheckpoints: {os.path.join(workdir, 'train', 'checkpoints')}, "
+          f"{os.path.join(workdir, 'finetune', 'checkpoints')}\n"
+          f"tensorboard: tensorboard --logdir {workdir}\nplots:       "
+          + ", ".join(plot_paths)
+          + f"\ntotal time:  {time.perf_counter() - started:.0f} s", flush=True)
+  return summary
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--config", default="demo", help="demo, tiny, S, M or <base>/<ablation>")
+  parser.add_argument("--workdir", default=os.path.join("runs", "demo"))
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                      help="override a config field, e.g. train.steps=100 (repeatable)")
+  parser.add_argument("--coordinator-address")
+  parser.add_argument("--num-processes", type=int)
+  parser.add_argument("--process-id", type=int)
+  args = parser.parse_args(argv)
+  logging.basicConfig(level=logging.WARNING)
+  distributed.initialize_from_flags_or_environment(
+      args.coordinator_address, args.num_processes, args.process_id)
+  experiment = configs.override(configs.get(args.config), args.set)
+  run(experiment, args.workdir)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,98 @@
+"""Figures of a run: learning curve, SI-SNRi vs GMAC/s (static and dynamic), regret vs GMAC/s.
+
+Run on a finished work directory:
+  python -m experiments.plots runs/demo
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+PLOT_DIR = "plots"
+
+
+def _history(workdir: str, stage: str) -> list[dict]:
+  path = os.path.join(workdir, stage, "train_history.json")
+  if not os.path.isfile(path):
+    return []
+  with open(path) as handle:
+    return json.load(handle)
+
+
+def learning_curve(workdir: str, path: str) -> None:
+  """Training SI-SNR per exit against step (crop training, then fine-tuning)."""
+  figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+  train = [r for r in _history(workdir, "train") if "per_exit_si_snr" in r]
+  last_step = train[-1]["step"] if train else 0
+  finetune = [dict(r, step=r["step"] + last_step)
+              for r in _history(workdir, "finetune") if "per_exit_si_snr" in r]
+  for rows, style in ((train, "-"), (finetune, "--")):
+    if not rows:
+      continue
+    exits = len(rows[0]["per_exit_si_snr"])
+    for e in range(exits):
+      axes[0].plot([r["step"] for r in rows], [r["per_exit_si_snr"][e] for r in rows], style,
+                   color=f"C{e}", label=f"exit {e + 1}" if style == "-" else None)
+    axes[1].plot([r["step"] for r in rows], [r["loss"] for r in rows], style, color="k")
+  evals = [r for r in _history(workdir, "train") if "eval" in r]
+  for e in range(len(evals[0]["eval"]["si_snr_improvement"]) if evals else 0):
+    axes[0].plot([r["step"] for r in evals], [r["eval"]["si_snr"][e] for r in evals], "o",
+                 color=f"C{e}")
+  axes[0].set(xlabel="step", ylabel="SI-SNR (dB)",
+              title="training crops (lines), validation (dots); dashed: fine-tuning")
+  axes[0].legend()
+  axes[1].set(xlabel="step", ylabel="loss", title="training loss")
+  figure.tight_layout()
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
+
+
+def quality_vs_compute(summary: dict, path: str) -> None:
+  """SI-SNRi against GMAC/s: static exits and the dynamic rule over its target sweep."""
+  figure, axes = plt.subplots(1, 2, figsize=(11, 4))
+  static = summary["per_exit"]
+  axes[0].plot([e["gmac_per_s"] for e in static], [e["si_snri_db"] for e in static], "o-",
+               label="static exits")
+  dynamic = summary["dynamic"]
+  axes[0].plot([d["gmac_per_s"] for d in dynamic], [d["si_snri_db"] for d in dynamic], "s--",
+               label=f"dynamic (p = {dynamic[0]['confidence']})")
+  for d in dynamic:
+    axes[0].annotate(f"t={d['target_db']:g}", (d["gmac_per_s"], d["si_snri_db"]), fontsize=7)
+  axes[0].set(xlabel="GMAC/s", ylabel="SI-SNRi (dB)", title="quality vs compute (test)")
+  axes[0].legend()
+  for d_index, d in enumerate(dynamic):
+    color = f"C{d_index}"
+    axes[1].plot([d["gmac_per_s"]], [d["regret_db"]], "s", color=color,
+                 label=f"t={d['target_db']:g} dynamic")
+    axes[1].plot([d["oracle_gmac_per_s"]], [d["oracle_regret_db"]], "*", color=color)
+    axes[1].plot([e["gmac_per_s"] for e in static], d["static_regret_db"], ":", color=color)
+  axes[1].set(xlabel="GMAC/s", ylabel="one-sided regret (dB)",
+              title="regret: dynamic (squares), oracle (stars), static (dotted)")
+  axes[1].legend(fontsize=7)
+  figure.tight_layout()
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
+
+
+def plot_run(workdir: str, summary: dict) -> list[str]:
+  """All figures of a run; returns their paths."""
+  directory = os.path.join(workdir, PLOT_DIR)
+  os.makedirs(directory, exist_ok=True)
+  paths = [os.path.join(directory, "learning_curve.png"),
+           os.path.join(directory, "quality_vs_compute.png")]
+  learning_curve(workdir, paths[0])
+  quality_vs_compute(summary, paths[1])
+  return paths
+
+
+if __name__ == "__main__":
+  run_directory = sys.argv[1]
+  with open(os.path.join(run_directory, "evaluation.json")) as handle:
+    print("\n".join(plot_run(run_directory, json.load(handle))))

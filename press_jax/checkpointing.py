@@ -1,0 +1,125 @@
+"""Orbax checkpoints of a training run: state, data-iterator state and run metadata.
+
+Layout of a work directory:
+    checkpoints/<step>/state     TrainState (params, optimiser state, step, RNG, skip counters)
+    checkpoints/<step>/data      the training iterator's state (JSON)
+    checkpoints/<step>/meta      train config, model config, sample rate (JSON)
+Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run
+killed mid-save leaves the previous checkpoint intact.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from press_jax import config as config_lib
+
+CHECKPOINT_DIR = "checkpoints"
+
+
+def checkpoint_directory(workdir: str) -> str:
+  return os.path.join(os.path.abspath(workdir), CHECKPOINT_DIR)
+
+
+def make_manager(workdir: str, keep: int = 3) -> ocp.CheckpointManager:
+  """A manager keeping the newest `keep` checkpoints under workdir/checkpoints."""
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+  return ocp.CheckpointManager(checkpoint_directory(workdir), options=options,
+                               item_names=("state", "data", "meta"))
+
+
+def has_checkpoint(workdir: str) -> bool:
+  directory = checkpoint_directory(workdir)
+  if not os.path.isdir(directory):
+    return False
+  return make_manager(workdir).latest_step() is not None
+
+
+def encode_iterator_state(state: Any) -> Any:
+  """Iterator states as JSON: bytes become {'base64': ...}."""
+  if isinstance(state, bytes):
+    return {"base64": base64.b64encode(state).decode("ascii")}
+  return state
+
+
+def decode_iterator_state(state: Any) -> Any:
+  if isinstance(state, dict) and set(state) == {"base64"}:
+    return base64.b64decode(state["base64"])
+  return state
+
+
+def save(manager: ocp.CheckpointManager, state, iterator_state: Any,
+         meta: dict[str, Any]) -> None:
+  """Save one checkpoint at `state.step` (asynchronous; call manager.wait_until_finished())."""
+  step = int(jax.device_get(state.step))
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state),
+      data=ocp.args.JsonSave({"iterator": encode_iterator_state(iterator_state)}),
+      meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def abstract_like(state, sharding=None):
+  """Shapes and dtypes of `state` placed with `sharding` (default: the first device)."""
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree_util.tree_map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), state)
+
+
+def restore(manager: ocp.CheckpointManager, template_state, step: int | None = None,
+            mesh=None):
+  """(state, iterator_state, meta) of `step` (default latest), replicated over `mesh`.
+
+  The saved arrays are full (replicated) values, so a checkpoint written on N devices restores
+  onto any other number of devices.
+  """
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"restore: no checkpoint under {manager.directory}")
+  sharding = NamedSharding(mesh, PartitionSpec()) if mesh is not None else None
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.StandardRestore(abstract_like(template_state, sharding)),
+      data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+  return (restored["state"], decode_iterator_state(restored["data"]["iterator"]),
+          restored["meta"])
+
+
+def read_meta(workdir: str, step: int | None = None) -> dict[str, Any]:
+  """The run metadata (configs, sample rate) of a checkpoint, without loading arrays."""
+  manager = make_manager(workdir)
+  step = manager.latest_step() if step is None else step
+  if step is None:
+    raise FileNotFoundError(f"read_meta: no checkpoint under {checkpoint_directory(workdir)}")
+  return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+
+def load_params(workdir: str, step: int | None = None):
+  """(model config, params) of the latest (or given) checkpoint of a training work directory."""
+  from press_jax.models import press_net  # Local import: press_net.load calls back into here.
+
+  meta = read_meta(workdir, step)
+  config = config_lib.PressConfig.from_dict(meta["model"])
+  manager = make_manager(workdir)
+  step = manager.latest_step() if step is None else step
+  restored = manager.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore()))["state"]
+  params = restored["params"]
+  model = press_net.PressNet(config)
+  template = jax.eval_shape(lambda: press_net.init_params(model, jax.random.key(0)))
+  params = jax.tree_util.tree_unflatten(
+      jax.tree_util.tree_structure(template),
+      jax.tree_util.tree_leaves(params, is_leaf=lambda x: hasattr(x, "shape")))
+  return config, params
+
+
+def load_model(workdir: str, step: int | None = None):
+  """(PressNet, params) from a training work directory."""
+  from press_jax.models import press_net
+
+  config, params = load_params(workdir, step)
+  return press_net.PressNet(config), params

@@ -1,0 +1,177 @@
+"""Evaluation of a trained PRESS-Net over an iterator: per-exit quality and exit policies.
+
+Batches are this host's numpy dicts as the loaders produce them: 'mixture' (devices, batch,
+samples), 'sources' (devices, batch, speakers, samples), 'mask', and optionally 'example_mask'
+(devices, batch) marking filler slots. Reported per exit: PIT SI-SNR / SI-SNRi (and SDRi with
+`with_sdr`); per target level t: the dynamic policy's SI-SNRi, mean GMAC/s, mean exit and
+one-sided regret, beside the oracle's and the static exits' regret (SPEC §4).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from press_jax import exit_rule, metrics
+from press_jax.models.press_net import PressNet
+
+
+@dataclasses.dataclass(frozen=True)
+class PolicySettings:
+  """Target levels (dB) to sweep and the confidence p of the dynamic rule."""
+
+  target_dbs: tuple[float, ...] = (5.0, 10.0, 15.0, 20.0, 25.0, 30.0, 35.0)
+  confidence: float = 0.9
+  crossfade_ms: float = 10.0
+
+
+def flatten_batch(batch: dict[str, Any]) -> dict[str, np.ndarray]:
+  """(devices, batch, ...) -> (devices * batch, ...), filler slots removed."""
+  flat = {name: np.asarray(batch[name]).reshape(-1, *np.shape(batch[name])[2:])
+          for name in ("mixture", "sources", "mask")}
+  if "example_mask" in batch:
+    keep = np.asarray(batch["example_mask"]).reshape(-1) > 0
+    flat = {name: value[keep] for name, value in flat.items()}
+  return flat
+
+
+class Evaluator:
+  """Accumulates per-utterance metrics of every exit and of the exit policies."""
+
+  def __init__(self, model: PressNet, params, gmac_per_exit: Sequence[float],
+               policy: PolicySettings = PolicySettings(), with_sdr: bool = False):
+    self.model, self.params, self.policy, self.with_sdr = model, params, policy, with_sdr
+    self.gmac_per_exit = np.asarray(gmac_per_exit, np.float32)
+    config = model.config
+    self._forward = jax.jit(lambda p, x, m: model.apply({"params": p}, x, m))
+    self._per_exit = jax.jit(_per_exit_si_snr)
+    self._block_snr = jax.jit(lambda o, s, m: exit_rule.block_exit_snr(
+        o, s, m, config.block_length))
+    self.rows: list[dict[str, Any]] = []
+
+  def add(self, batch: dict[str, Any]) -> None:
+    """Evaluate one batch."""
+    flat = flatten_batch(batch)
+    if not len(flat["mixture"]):
+      return
+    config = self.model.config
+    mixture, sources, mask = (jnp.asarray(flat[k]) for k in ("mixture", "sources", "mask"))
+    outputs = self._forward(self.params, mixture, mask)
+    si_snr, si_snri, permutation = self._per_exit(outputs.mean, sources, mixture, mask)
+    si_snr, si_snri = np.asarray(si_snr), np.asarray(si_snri)  # (exits, batch)
+    # Targets aligned with the last exit's estimates, for the block SNRs of the policies.
+    aligned = jnp.take_along_axis(sources, permutation[-1][:, :, None], axis=1)
+    block_snr = self._block_snr(outputs, aligned, mask)  # (exits, batch, speakers, blocks)
+    sdri = self._sdr_improvement(outputs, flat) if self.with_sdr else None
+    policy_rows = []
+    for target_db in self.policy.target_dbs:
+      selection = exit_rule.select_exits(
+          outputs, mixture, mask, block_length=config.block_length, target_db=target_db,
+          confidence=self.policy.confidence, sample_rate=config.sample_rate,
+          crossfade_ms=self.policy.crossfade_ms)
+      dynamic_values, _ = metrics.pit_si_snr(selection.waveform, sources, mask)
+      mixture_values = metrics.si_snr(mixture[:, None, :], sources, mask[:, None, :])
+      oracle = exit_rule.oracle_policy(outputs, aligned, mask, config.block_length, target_db)
+      policy_rows.append({
+          "target_db": target_db,
+          "si_snri": np.asarray((dynamic_values - mixture_values).mean(-1)),
+          "exit_index": np.asarray(selection.exit_index),
+          "block_valid": np.asarray(selection.block_valid),
+          "regret": _regret(block_snr, selection.exit_index, selection.block_valid, target_db),
+          "oracle_exit_index": np.asarray(oracle),
+          "oracle_regret": _regret(block_snr, oracle, selection.block_valid, target_db),
+          "static_regret": [
+              _regret(block_snr, jnp.full_like(oracle, e), selection.block_valid, target_db)
+              for e in range(outputs.num_exits)],
+      })
+    for index in range(len(flat["mixture"])):
+      row = {"si_snr": si_snr[:, index], "si_snri": si_snri[:, index],
+             "policies": [{key: (value[index] if isinstance(value, np.ndarray) else
+                                 [v[index] for v in value] if isinstance(value, list) else value)
+                           for key, value in policy.items()} for policy in policy_rows]}
+      if sdri is not None:
+        row["sdri"] = sdri[:, index]
+      self.rows.append(row)
+
+  def _sdr_improvement(self, outputs, flat) -> np.ndarray:
+    """(exits, batch) mean PIT SDRi, per utterance on its valid samples (numpy BSS-eval)."""
+    means = np.asarray(outputs.mean)
+    result = np.zeros(means.shape[:2])
+    for index in range(means.shape[1]):
+      length = int(flat["mask"][index].sum())
+      sources = flat["sources"][index, :, :length]
+      mixture = np.broadcast_to(flat["mixture"][index, :length], sources.shape)
+      for exit_index in range(means.shape[0]):
+        result[exit_index, index] = float(np.mean(metrics.pit_sdr(
+            means[exit_index, index, :, :length], sources)[0]) - np.mean(
+                metrics.sdr(mixture, sources)))
+    return result
+
+  def summary(self) -> dict[str, Any]:
+    """Means over all utterances (and over all valid blocks for compute and regret)."""
+    if not self.rows:
+      raise ValueError("Evaluator.summary: no utterance was evaluated")
+    per_exit = []
+    for e in range(len(self.gmac_per_exit)):
+      entry = {"exit": e + 1,
+               "si_snr_db": float(np.mean([r["si_snr"][e] for r in self.rows])),
+               "si_snri_db": float(np.mean([r["si_snri"][e] for r in self.rows])),
+               "gmac_per_s": float(self.gmac_per_exit[e])}
+      if "sdri" in self.rows[0]:
+        entry["sdri_db"] = float(np.mean([r["sdri"][e] for r in self.rows]))
+      per_exit.append(entry)
+    dynamic = []
+    for t_index, target_db in enumerate(self.policy.target_dbs):
+      policies = [r["policies"][t_index] for r in self.rows]
+      exits = np.concatenate([p["exit_index"][p["block_valid"]] for p in policies])
+      oracle_exits = np.concatenate([p["oracle_exit_index"][p["block_valid"]] for p in policies])
+      blocks = np.array([p["block_valid"].sum() for p in policies], np.float64)
+      weights = blocks / blocks.sum()
+      dynamic.append({
+          "target_db": target_db, "confidence": self.policy.confidence,
+          "si_snri_db": float(np.mean([p["si_snri"] for p in policies])),
+          "gmac_per_s": float(self.gmac_per_exit[exits].mean()),
+          "mean_exit": float(exits.mean() + 1),
+          "regret_db": float(np.sum(weights * [p["regret"] for p in policies])),
+          "oracle_gmac_per_s": float(self.gmac_per_exit[oracle_exits].mean()),
+          "oracle_regret_db": float(np.sum(weights * [p["oracle_regret"] for p in policies])),
+          "static_regret_db": [float(np.sum(weights * [p["static_regret"][e] for p in policies]))
+                               for e in range(len(self.gmac_per_exit))],
+          "exit_histogram": np.bincount(exits, minlength=len(self.gmac_per_exit)).tolist(),
+      })
+    return {"utterances": len(self.rows), "per_exit": per_exit, "dynamic": dynamic}
+
+
+def _per_exit_si_snr(means, sources, mixture, mask):
+  """(exits, batch) PIT SI-SNR and SI-SNRi averaged over speakers, and each exit's permutation."""
+  reference = metrics.si_snr(mixture[:, None, :], sources, mask[:, None, :])
+
+  def one_exit(mean):
+    values, permutation = metrics.pit_si_snr(mean, sources, mask)
+    return values.mean(-1), (values - reference).mean(-1), permutation
+
+  return jax.vmap(one_exit)(means)
+
+
+def _regret(block_snr, exit_index, block_valid, target_db) -> np.ndarray:
+  """Per-utterance one-sided regret of a choice: mean over valid blocks and speakers."""
+  chosen = exit_rule.chosen_block_snr(block_snr, exit_index)  # (batch, speakers, blocks)
+  weights = jnp.broadcast_to(jnp.asarray(block_valid, jnp.float32)[:, None, :], chosen.shape)
+  shortfall = jnp.maximum(0.0, target_db - chosen) * weights
+  return np.asarray(shortfall.sum((1, 2)) / jnp.maximum(weights.sum((1, 2)), 1.0))
+
+
+def evaluate(model: PressNet, params, batches: Iterable[dict[str, Any]],
+             gmac_per_exit: Sequence[float], policy: PolicySettings = PolicySettings(),
+             with_sdr: bool = False, max_batches: int | None = None) -> dict[str, Any]:
+  """Run an Evaluator over (at most `max_batches` of) `batches` and summarise."""
+  evaluator = Evaluator(model, params, gmac_per_exit, policy, with_sdr)
+  for index, batch in enumerate(batches):
+    if max_batches is not None and index >= max_batches:
+      break
+    evaluator.add(batch)
+  return evaluator.summary()

@@ -1,0 +1,58 @@
+"""The optimiser of SPEC §9: AdamW, warm-up then linear decay, global-norm clipping."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+  """AdamW with a linear warm-up / linear decay schedule; decay only on kernels."""
+
+  peak_learning_rate: float = 5e-4
+  warmup_steps: int = 5000
+  total_steps: int = 200_000  # Optimiser updates; the rate decays linearly to 0 at this step.
+  b1: float = 0.9
+  b2: float = 0.99
+  weight_decay: float = 0.01
+  clip_norm: float = 1.0
+  accumulation_steps: int = 1  # Average gradients over this many batches per update.
+
+  def __post_init__(self):
+    if self.peak_learning_rate <= 0:
+      raise ValueError(f"OptimizerConfig.peak_learning_rate must be > 0, got "
+                       f"{self.peak_learning_rate}")
+    if self.total_steps < 1 or not 0 <= self.warmup_steps <= self.total_steps:
+      raise ValueError(f"OptimizerConfig: need 0 <= warmup_steps ({self.warmup_steps}) <= "
+                       f"total_steps ({self.total_steps}) and total_steps >= 1")
+    if self.accumulation_steps < 1:
+      raise ValueError(f"OptimizerConfig.accumulation_steps must be >= 1, got "
+                       f"{self.accumulation_steps}")
+
+
+def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
+  """Linear 0 -> peak over warmup_steps, then linear peak -> 0 at total_steps."""
+  warmup = optax.linear_schedule(0.0, config.peak_learning_rate, max(config.warmup_steps, 1))
+  decay = optax.linear_schedule(config.peak_learning_rate, 0.0,
+                                max(config.total_steps - config.warmup_steps, 1))
+  return optax.join_schedules([warmup, decay], [config.warmup_steps])
+
+
+def decay_mask(params):
+  """True for linear and convolution kernels (weight decay applies), False for the rest."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+
+
+def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+  """clip_by_global_norm -> AdamW(schedule), wrapped in MultiSteps when accumulating."""
+  optimizer = optax.chain(
+      optax.clip_by_global_norm(config.clip_norm),
+      optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2,
+                  weight_decay=config.weight_decay, mask=decay_mask))
+  if config.accumulation_steps > 1:
+    optimizer = optax.MultiSteps(optimizer, every_k_schedule=config.accumulation_steps)
+  return optimizer

@@ -1,0 +1,248 @@
+"""The training loop, in named stages: mesh, model, optimiser, state, data, loop, checkpoint.
+
+The loop takes iterators (it never imports a dataset): `train_iterator` yields this host's batch
+as numpy arrays {'mixture': (local_devices, per_device_batch, samples), 'sources':
+(local_devices, per_device_batch, speakers, samples), 'mask': like mixture}; if it has
+`get_state()` / `set_state()`, its position is checkpointed and restored too. `make_eval_iterator`
+returns a fresh finite iterator of the same format for each evaluation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from press_jax import checkpointing, likelihoods, optim, summary
+from press_jax import config as config_lib
+from press_jax import train_step as step_lib
+from press_jax.models import press_net
+
+log = logging.getLogger("press_jax.train")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """A training run. `steps` counts batches; one optimiser update per `accumulation_steps`."""
+
+  model: str = "tiny"  # Preset name.
+  model_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+  loss: str = "student_t"  # student_t | gaussian | si_snr
+  permutation: str = "joint"  # joint | per_exit
+  exit_weights: tuple[float, ...] | None = None
+  optimizer: optim.OptimizerConfig = optim.OptimizerConfig()
+  steps: int = 200_000
+  batch_size_per_device: int = 1
+  seed: int = 0
+  log_every: int = 50
+  eval_every: int = 5000  # 0: never during training.
+  checkpoint_every: int = 1000
+  keep_checkpoints: int = 3
+  max_consecutive_nonfinite: int = 20  # Stop with an error after this many skipped in a row.
+  time_limit_s: float | None = None  # Checkpoint and stop after this much wall time.
+  init_from: str | None = None  # Work directory whose latest params start this run.
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size_per_device", "log_every", "checkpoint_every",
+                 "keep_checkpoints", "max_consecutive_nonfinite"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+    if self.eval_every < 0:
+      raise ValueError(f"TrainConfig.eval_every must be >= 0, got {self.eval_every}")
+    updates = self.steps // self.optimizer.accumulation_steps
+    if self.optimizer.total_steps > max(updates, 1):
+      raise ValueError(
+          f"TrainConfig: optimizer.total_steps ({self.optimizer.total_steps}) exceeds the "
+          f"optimiser updates of the run ({updates} = steps / accumulation_steps); the "
+          "learning rate would never decay to 0")
+
+  def model_config(self) -> config_lib.PressConfig:
+    return config_lib.preset(self.model, **dict(self.model_overrides))
+
+  def loss_config(self) -> likelihoods.LossConfig:
+    return likelihoods.LossConfig(
+        kind=self.loss, block_length=self.model_config().block_length,
+        exit_weights=self.exit_weights, permutation=self.permutation)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, values: dict[str, Any]) -> "TrainConfig":
+    values = dict(values)
+    values["optimizer"] = optim.OptimizerConfig(**values.get("optimizer", {}))
+    if values.get("exit_weights") is not None:
+      values["exit_weights"] = tuple(values["exit_weights"])
+    return cls(**values)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  """What a call to `train` did."""
+
+  state: step_lib.TrainState
+  history: list[dict[str, Any]]  # One row per log step (and per evaluation).
+  stopped_early: bool  # The time limit ended the run before `steps`.
+
+
+class NonFiniteTrainingError(RuntimeError):
+  """Too many consecutive steps had a non-finite loss or gradient."""
+
+
+def evaluate(params, make_eval_iterator: Callable[[], Iterator], mesh, model,
+             eval_fn: Callable | None = None) -> dict[str, Any]:
+  """Per-exit mean PIT SI-SNR and SI-SNRi (dB) over a finite iterator.
+
+  Pass the same `eval_fn` (`step_lib.parallel_eval_step(mesh, model)`) to repeated calls: a new
+  one is traced and compiled again on every call.
+  """
+  eval_fn = eval_fn or step_lib.parallel_eval_step(mesh, model)
+  totals = None
+  for local_batch in make_eval_iterator():
+    sums = jax.device_get(eval_fn(params, step_lib.global_batch(mesh, local_batch)))
+    totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
+  if totals is None or totals["count"] == 0:
+    raise ValueError("evaluate: the evaluation iterator yielded no utterances")
+  count = float(totals["count"])
+  return {"utterances": int(count),
+          "si_snr": [float(v) / count for v in totals["si_snr"]],
+          "si_snr_improvement": [float(v) / count for v in totals["si_snr_improvement"]]}
+
+
+def train(
+    config: TrainConfig,
+    workdir: str,
+    train_iterator: Iterator,
+    make_eval_iterator: Callable[[], Iterator] | None = None,
+    *,
+    sample_rate: int | None = None,
+    extra_meta: dict[str, Any] | None = None,
+) -> TrainResult:
+  """Train (or resume) the run in `workdir`; returns the final state and the logged history."""
+  os.makedirs(workdir, exist_ok=True)
+  is_lead_host = jax.process_index() == 0
+
+  # --- mesh -----------------------------------------------------------------------------------
+  mesh = step_lib.data_mesh()
+
+  # --- model ----------------------------------------------------------------------------------
+  model_config = config.model_config()
+  if sample_rate is not None and sample_rate != model_config.sample_rate:
+    raise ValueError(f"train: the data is at {sample_rate} Hz but the model "
+                     f"{config.model!r} is built for {model_config.sample_rate} Hz")
+  model = press_net.PressNet(model_config)
+  loss_config = config.loss_config()
+
+  # --- optimiser ------------------------------------------------------------------------------
+  optimizer = optim.make_optimizer(config.optimizer)
+  schedule = optim.learning_rate_schedule(config.optimizer)
+
+  # --- state: fresh, from a finished run, or resumed ------------------------------------------
+  manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
+  state = step_lib.create_train_state(model, optimizer, config.seed)
+  meta = {"train": config.to_dict(), "model": model_config.to_dict(),
+          "sample_rate": model_config.sample_rate, **(extra_meta or {})}
+  if manager.latest_step() is not None:
+    state, iterator_state, _ = checkpointing.restore(manager, state, mesh=mesh)
+    if hasattr(train_iterator, "set_state") and iterator_state is not None:
+      train_iterator.set_state(iterator_state)
+    log.info("resumed %s at step %d", workdir, int(state.step))
+  elif config.init_from:
+    _, params = checkpointing.load_params(config.init_from)
+    state = state.replace(params=params, opt_state=optimizer.init(params))
+    log.info("initialised from %s", config.init_from)
+  state = jax.device_put(state, step_lib.replicated(mesh))
+
+  # --- data and step functions -----------------------------------------------------------------
+  step_fn = step_lib.parallel_train_step(mesh, model=model, loss_config=loss_config,
+                                         optimizer=optimizer)
+  eval_fn = step_lib.parallel_eval_step(mesh, model)  # Built once: compiled on first use only.
+
+  saved_step = manager.latest_step()  # Orbax refuses to save a step twice.
+
+  def save_checkpoint():
+    nonlocal saved_step
+    if saved_step == step:
+      return
+    iterator_state = train_iterator.get_state() if hasattr(train_iterator, "get_state") else None
+    checkpointing.save(manager, state, iterator_state, meta)
+    saved_step = step
+
+  # --- loop -----------------------------------------------------------------------------------
+  writer = summary.SummaryWriter(workdir, enabled=is_lead_host)
+  progress = summary.Progress(total=config.steps, initial=int(state.step), enabled=is_lead_host)
+  history: list[dict[str, Any]] = []
+  step = int(state.step)
+  started = time.perf_counter()
+  window_start, window_steps = started, 0
+  stopped_early = False
+  pending = None  # Metrics of the previous step, read after the next one is dispatched.
+
+  def handle(step_number, metrics):
+    nonlocal window_start, window_steps
+    metrics = jax.device_get(metrics)
+    if int(metrics["consecutive_nonfinite"]) >= config.max_consecutive_nonfinite:
+      raise NonFiniteTrainingError(
+          f"train: {int(metrics['consecutive_nonfinite'])} consecutive steps up to step "
+          f"{step_number} had a non-finite loss or gradient (max_consecutive_nonfinite="
+          f"{config.max_consecutive_nonfinite}); parameters were left at the last finite step")
+    if step_number % config.log_every == 0 or step_number == config.steps:
+      now = time.perf_counter()
+      updates = (step_number - int(metrics["nonfinite_steps"])) // (
+          config.optimizer.accumulation_steps)
+      row = {"step": step_number, "loss": float(metrics["loss"]),
+             "per_exit_loss": [float(v) for v in metrics["per_exit_loss"]],
+             "per_exit_si_snr": [float(v) for v in metrics["per_exit_si_snr"]],
+             "grad_norm": float(metrics["grad_norm"]),
+             "learning_rate": float(schedule(updates)),
+             "nonfinite_steps": int(metrics["nonfinite_steps"]),
+             "steps_per_s": window_steps / max(now - window_start, 1e-9)}
+      history.append(row)
+      writer.scalars("train", row, step_number)
+      progress.log(row)
+      window_start, window_steps = now, 0
+
+  try:
+    while step < config.steps:
+      local_batch = next(train_iterator)
+      state, metrics = step_fn(state, step_lib.global_batch(mesh, local_batch))
+      step += 1
+      window_steps += 1
+      if pending is not None:
+        handle(*pending)
+      pending = (step, metrics)
+      progress.update(step)
+      if step % config.checkpoint_every == 0:
+        handle(*pending)
+        pending = None
+        save_checkpoint()
+      if config.eval_every and make_eval_iterator and step % config.eval_every == 0:
+        result = evaluate(state.params, make_eval_iterator, mesh, model, eval_fn)
+        history.append({"step": step, "eval": result})
+        writer.per_exit("eval/si_snr_improvement", result["si_snr_improvement"], step)
+        progress.message(f"step {step}: validation SI-SNRi per exit " + ", ".join(
+            f"{v:.2f}" for v in result["si_snr_improvement"]) + " dB")
+      if config.time_limit_s and time.perf_counter() - started > config.time_limit_s:
+        stopped_early = step < config.steps
+        break
+    if pending is not None:
+      handle(*pending)
+    # --- checkpoint ---------------------------------------------------------------------------
+    save_checkpoint()
+  finally:
+    manager.wait_until_finished()
+    writer.close()
+    progress.close()
+  if is_lead_host:
+    with open(os.path.join(workdir, "train_history.json"), "w") as handle_file:
+      json.dump(history, handle_file, indent=1)
+  return TrainResult(state=state, history=history, stopped_early=stopped_early)

@@ -1,0 +1,68 @@
+"""Evaluation of exits and policies: the dynamic rule's extremes equal the static exits."""
+
+import jax
+import numpy as np
+import pytest
+
+from press_jax import compute, evaluation
+from press_jax.models import press_net
+
+
+def batches(count=2, devices=1, batch=2, samples=1600, seed=0):
+  rng = np.random.default_rng(seed)
+  for _ in range(count):
+    sources = rng.standard_normal((devices, batch, 2, samples)).astype(np.float32) * 0.1
+    mask = np.ones((devices, batch, samples), np.float32)
+    mask[:, -1, samples // 2:] = 0.0  # One shorter utterance, padded.
+    sources *= mask[:, :, None, :]
+    yield {"mixture": sources.sum(2), "sources": sources, "mask": mask,
+           "example_mask": np.array([[1.0] * (batch - 1) + [1.0]] * devices)}
+
+
+@pytest.fixture(scope="module")
+def summary():
+  model = press_net.create("tiny")
+  params = press_net.init_params(model, jax.random.key(0))
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  params = jax.tree_util.tree_unflatten(
+      tree, [p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  gmacs = [c.gmac_per_s for c in compute.exit_costs(model.config)]
+  policy = evaluation.PolicySettings(target_dbs=(-300.0, 300.0), confidence=0.5)
+  return evaluation.evaluate(model, params, batches(), gmacs, policy, with_sdr=True), gmacs
+
+
+def test_per_exit_rows(summary):
+  result, gmacs = summary
+  assert result["utterances"] == 4
+  assert [e["exit"] for e in result["per_exit"]] == [1, 2]
+  assert [e["gmac_per_s"] for e in result["per_exit"]] == pytest.approx(gmacs)
+  for entry in result["per_exit"]:
+    assert np.isfinite(entry["si_snri_db"]) and np.isfinite(entry["sdri_db"])
+
+
+def test_lowest_target_exits_first_and_matches_exit_one(summary):
+  result, gmacs = summary
+  low = result["dynamic"][0]
+  assert low["mean_exit"] == 1.0
+  assert low["gmac_per_s"] == pytest.approx(gmacs[0])
+  assert low["si_snri_db"] == pytest.approx(result["per_exit"][0]["si_snri_db"], abs=1e-3)
+  assert low["regret_db"] == 0.0 and low["oracle_regret_db"] == 0.0
+
+
+def test_highest_target_runs_to_the_last_exit(summary):
+  result, gmacs = summary
+  high = result["dynamic"][1]
+  assert high["mean_exit"] == 2.0
+  assert high["gmac_per_s"] == pytest.approx(gmacs[-1])
+  assert high["si_snri_db"] == pytest.approx(result["per_exit"][-1]["si_snri_db"], abs=1e-3)
+  # Regret at t = 300 dB is t minus the last exit's block SNR: positive and equal to static.
+  assert high["regret_db"] == pytest.approx(high["static_regret_db"][-1], rel=1e-6)
+  assert high["oracle_regret_db"] == pytest.approx(high["static_regret_db"][-1], rel=1e-6)
+
+
+def test_filler_slots_are_skipped():
+  batch = next(batches(count=1))
+  batch["example_mask"][0, 1] = 0.0
+  flat = evaluation.flatten_batch(batch)
+  assert flat["mixture"].shape[0] == 1
