@@ -50,6 +50,7 @@ class TrainConfig:
   max_consecutive_nonfinite: int = 20  # Stop with an error after this many skipped in a row.
   time_limit_s: float | None = None  # Checkpoint and stop after this much wall time.
   init_from: str | None = None  # Work directory whose latest params start this run.
+  remat: bool = False  # Recompute activations in the backward pass (less memory; on CPU faster).
 
   def __post_init__(self):
     for name in ("steps", "batch_size_per_device", "log_every", "checkpoint_every",
@@ -139,7 +140,7 @@ def train(
   if sample_rate is not None and sample_rate != model_config.sample_rate:
     raise ValueError(f"train: the data is at {sample_rate} Hz but the model "
                      f"{config.model!r} is built for {model_config.sample_rate} Hz")
-  model = press_net.PressNet(model_config)
+  model = press_net.PressNet(model_config, remat=config.remat)
   loss_config = config.loss_config()
 
   # --- optimiser ------------------------------------------------------------------------------
@@ -151,7 +152,8 @@ def train(
   state = step_lib.create_train_state(model, optimizer, config.seed)
   meta = {"train": config.to_dict(), "model": model_config.to_dict(),
           "sample_rate": model_config.sample_rate, **(extra_meta or {})}
-  if manager.latest_step() is not None:
+  resumed = manager.latest_step() is not None
+  if resumed:
     state, iterator_state, _ = checkpointing.restore(manager, state, mesh=mesh)
     if hasattr(train_iterator, "set_state") and iterator_state is not None:
       train_iterator.set_state(iterator_state)
@@ -169,6 +171,21 @@ def train(
 
   saved_step = manager.latest_step()  # Orbax refuses to save a step twice.
 
+  # train_history.json covers the whole run: rows of earlier calls up to the resumed step, then
+  # this call's rows; rewritten at every checkpoint so a killed run keeps its curve.
+  history_path = os.path.join(workdir, "train_history.json")
+  earlier_history: list[dict[str, Any]] = []
+  if resumed and is_lead_host and os.path.isfile(history_path):
+    with open(history_path) as handle_file:
+      earlier_history = [row for row in json.load(handle_file)
+                         if row["step"] <= int(state.step)]
+
+  def write_history():
+    if is_lead_host:
+      with open(history_path + ".tmp", "w") as handle_file:
+        json.dump(earlier_history + history, handle_file, indent=1)
+      os.replace(history_path + ".tmp", history_path)
+
   def save_checkpoint():
     nonlocal saved_step
     if saved_step == step:
@@ -176,6 +193,7 @@ def train(
     iterator_state = train_iterator.get_state() if hasattr(train_iterator, "get_state") else None
     checkpointing.save(manager, state, iterator_state, meta)
     saved_step = step
+    write_history()
 
   # --- loop -----------------------------------------------------------------------------------
   writer = summary.SummaryWriter(workdir, enabled=is_lead_host)
@@ -183,12 +201,12 @@ def train(
   history: list[dict[str, Any]] = []
   step = int(state.step)
   started = time.perf_counter()
-  window_start, window_steps = started, 0
+  window_start, window_step = started, step  # Wall time and step of the last log row.
   stopped_early = False
   pending = None  # Metrics of the previous step, read after the next one is dispatched.
 
   def handle(step_number, metrics):
-    nonlocal window_start, window_steps
+    nonlocal window_start, window_step
     metrics = jax.device_get(metrics)
     if int(metrics["consecutive_nonfinite"]) >= config.max_consecutive_nonfinite:
       raise NonFiniteTrainingError(
@@ -197,7 +215,8 @@ def train(
           f"{config.max_consecutive_nonfinite}); parameters were left at the last finite step")
     if step_number % config.log_every == 0 or step_number == config.steps:
       now = time.perf_counter()
-      updates = (step_number - int(metrics["nonfinite_steps"])) // (
+      # The schedule index of the update this step's gradient went into (finite batches only).
+      updates = max(step_number - int(metrics["nonfinite_steps"]) - 1, 0) // (
           config.optimizer.accumulation_steps)
       row = {"step": step_number, "loss": float(metrics["loss"]),
              "per_exit_loss": [float(v) for v in metrics["per_exit_loss"]],
@@ -205,18 +224,17 @@ def train(
              "grad_norm": float(metrics["grad_norm"]),
              "learning_rate": float(schedule(updates)),
              "nonfinite_steps": int(metrics["nonfinite_steps"]),
-             "steps_per_s": window_steps / max(now - window_start, 1e-9)}
+             "steps_per_s": (step_number - window_step) / max(now - window_start, 1e-9)}
       history.append(row)
       writer.scalars("train", row, step_number)
       progress.log(row)
-      window_start, window_steps = now, 0
+      window_start, window_step = now, step_number
 
   try:
     while step < config.steps:
       local_batch = next(train_iterator)
       state, metrics = step_fn(state, step_lib.global_batch(mesh, local_batch))
       step += 1
-      window_steps += 1
       if pending is not None:
         handle(*pending)
       pending = (step, metrics)
@@ -242,7 +260,5 @@ def train(
     manager.wait_until_finished()
     writer.close()
     progress.close()
-  if is_lead_host:
-    with open(os.path.join(workdir, "train_history.json"), "w") as handle_file:
-      json.dump(history, handle_file, indent=1)
+  write_history()
   return TrainResult(state=state, history=history, stopped_early=stopped_early)

@@ -166,7 +166,7 @@ def test_cumulative_exit_parameters():
 def test_cumulative_option_runs_in_the_model():
   model = press_net.create("tiny", cumulative_exits=True)
   params = press_net.init_params(model, jax.random.key(0))
-  outputs = model.apply({"params": params}, jnp.ones((1, 1200)) * 0.1)
+  outputs = jax.jit(model.apply)({"params": params}, jnp.ones((1, 1200)) * 0.1)
   assert np.all(np.diff(np.asarray(outputs.log_alpha), axis=0) > 0)
 
 
@@ -175,7 +175,7 @@ def test_sixteen_kilohertz_preset_scales_the_framing():
   assert (config.encoder_stride, config.encoder_kernel, config.block_length) == (8, 32, 2000)
   model = press_net.PressNet(config)
   params = press_net.init_params(model, jax.random.key(0))
-  outputs = model.apply({"params": params}, jnp.ones((1, 3000)) * 0.1)
+  outputs = jax.jit(model.apply)({"params": params}, jnp.ones((1, 3000)) * 0.1)
   assert outputs.mean.shape == (config.exits, 1, 2, 3000)
   assert outputs.log_var.shape[-1] == 2
 

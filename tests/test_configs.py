@@ -1,0 +1,163 @@
+"""Experiment configs: bases and ablations build, override works, ablations stay on claim."""
+
+import dataclasses
+
+import pytest
+
+from experiments import configs
+from press_jax import compute
+
+# tiny and demo have 2 decoder blocks: 4, 6 or 12 exits cannot divide them (PressConfig refuses).
+_INVALID = {(base, ablation) for base in ("tiny", "demo")
+            for ablation in ("exits_4", "exits_6", "exits_12")}
+
+# What each ablation may change: dotted paths in ExperimentConfig.to_dict() (besides the name).
+CLAIMS = {
+    "exits_4": {"train.model_overrides.exits"},
+    "exits_6": {"train.model_overrides.exits"},
+    "exits_12": {"train.model_overrides.exits"},
+    "loss_student_t": {"train.loss"},
+    "loss_gaussian": {"train.loss"},
+    "loss_si_snr": {"train.loss"},
+    "pit_joint": {"train.permutation"},
+    "pit_per_exit": {"train.permutation"},
+    "block_1000": {"train.model_overrides.block_length"},
+    "block_2000": {"train.model_overrides.block_length"},
+    "block_4000": {"train.model_overrides.block_length"},
+}
+
+
+def flatten(value, prefix=""):
+  if isinstance(value, dict):
+    flat = {}
+    for key, item in value.items():
+      flat.update(flatten(item, f"{prefix}.{key}" if prefix else key))
+    return flat
+  return {prefix: value}
+
+
+def changed_fields(before, after):
+  old, new = flatten(before.to_dict()), flatten(after.to_dict())
+  return {key for key in old.keys() | new.keys() if old.get(key, "<absent>") != new.get(
+      key, "<absent>")} - {"name"}
+
+
+def build(config):
+  """Everything a run builds from the config before touching data."""
+  model = config.train.model_config()
+  config.train.loss_config()
+  return model
+
+
+@pytest.mark.parametrize("base", sorted(configs.BASES))
+def test_bases_build(base):
+  config = configs.get(base)
+  assert config.name == base
+  model = build(config)
+  assert config.data.crop_seconds * model.sample_rate >= model.block_length
+
+
+@pytest.mark.parametrize("name", [
+    f"{base}/{ablation}" for base in sorted(configs.BASES) for ablation in sorted(configs.ABLATIONS)
+    if (base, ablation) not in _INVALID])
+def test_ablations_build(name):
+  config = configs.get(name)
+  assert config.name == name
+  build(config)
+
+
+@pytest.mark.parametrize("base, ablation", sorted(_INVALID))
+def test_exit_ablations_need_enough_decoder_blocks(base, ablation):
+  """tiny/demo have 2 decoder blocks: 4, 6 or 12 exits is refused with a clear error."""
+  with pytest.raises(ValueError, match="decoder_blocks"):
+    build(configs.get(f"{base}/{ablation}"))
+
+
+@pytest.mark.parametrize("name, message", [
+    ("L", "unknown experiment 'L'"), ("S/exits_5", "unknown ablation 'exits_5'")])
+def test_unknown_names(name, message):
+  with pytest.raises(ValueError, match=message):
+    configs.get(name)
+
+
+@pytest.mark.parametrize("base, ablation", [
+    (base, ablation) for base in ("tiny", "S", "M") for ablation in sorted(CLAIMS)
+    if (base, ablation) not in _INVALID])
+def test_ablations_change_only_what_they_claim(base, ablation):
+  config = configs.get(base)
+  ablated = configs.get(f"{base}/{ablation}")
+  assert changed_fields(config, ablated) <= CLAIMS[ablation]
+  model, ablated_model = build(config), build(ablated)
+  model_fields = {f.name for f in dataclasses.fields(model)
+                  if getattr(model, f.name) != getattr(ablated_model, f.name)}
+  assert model_fields <= {path.rsplit(".", 1)[1] for path in CLAIMS[ablation]}
+
+
+@pytest.mark.parametrize("ablation, exits", [("exits_4", 4), ("exits_6", 6), ("exits_12", 12)])
+def test_exit_ablations_keep_the_backbone(ablation, exits):
+  base = configs.get("S").train.model_config()
+  model = configs.get(f"S/{ablation}").train.model_config()
+  assert model.exits == exits
+  assert (model.width, model.encoder_blocks, model.decoder_blocks) == (
+      base.width, base.encoder_blocks, base.decoder_blocks)
+  base_params, params = compute.params_per_exit(base), compute.params_per_exit(model)
+  assert len(params) == exits
+  assert abs(params[-1] / base_params[-1] - 1) < 0.05  # Only exit heads are added or removed.
+  base_gmacs = compute.gmac_per_second(base, base.exits)
+  assert abs(compute.gmac_per_second(model, exits) / base_gmacs - 1) < 0.01
+
+
+# --- override ---------------------------------------------------------------------------------
+def test_override_nested_fields():
+  config = configs.get("tiny")
+  changed = configs.override(config, [
+      "train.optimizer.peak_learning_rate=0.01", "data.dataset=wham", "train.seed=3",
+      "data.max_validation_batches=null", 'data.builder_config="8k_min"'])
+  assert changed.train.optimizer.peak_learning_rate == 0.01
+  assert changed.train.optimizer.total_steps == config.train.optimizer.total_steps
+  assert (changed.data.dataset, changed.train.seed) == ("wham", 3)
+  assert changed.data.max_validation_batches is None
+  assert changed.data.builder_config == "8k_min"
+  assert config.train.seed == 0 and config.data.dataset == "press_synth"  # Unchanged.
+  assert changed_fields(config, changed) == {
+      "train.optimizer.peak_learning_rate", "data.dataset", "train.seed",
+      "data.max_validation_batches", "data.builder_config"}
+
+
+def test_override_tuples_become_tuples():
+  changed = configs.override(configs.get("tiny"), ["policy.target_dbs=[5, 15.5]",
+                                                   "data.bucket_seconds=[2.0]"])
+  assert changed.policy.target_dbs == (5, 15.5)
+  assert changed.data.bucket_seconds == (2.0,)
+
+
+def test_override_dicts():
+  config = configs.get("S/exits_6")
+  changed = configs.override(config, ["train.model_overrides.width=32",
+                                      "train.model_overrides.exits=4"])
+  assert changed.train.model_overrides == {"exits": 4, "width": 32}
+  assert config.train.model_overrides == {"exits": 6}
+  assert changed.train.model_config().width == 32
+  replaced = configs.override(config, ['train.model_overrides={"block_length": 1000}'])
+  assert replaced.train.model_overrides == {"block_length": 1000}
+
+
+def test_override_finetune_none():
+  assert configs.override(configs.get("tiny"), ["finetune=null"]).finetune is None
+
+
+@pytest.mark.parametrize("assignment, message", [
+    ("train.optimizer.nope=1", r"OptimizerConfig has no field 'nope'"),
+    ("trian.seed=1", r"ExperimentConfig has no field 'trian'"),
+    ("train.seed.value=1", r"int has no field 'value'"),
+    ("train.seed", r"expected FIELD.PATH=VALUE"),
+])
+def test_override_errors_name_the_field(assignment, message):
+  with pytest.raises(ValueError, match=message) as error:
+    configs.override(configs.get("tiny"), [assignment])
+  assert assignment in str(error.value)
+
+
+def test_override_validates_the_result():
+  with pytest.raises(ValueError, match="batch_size_per_device"):
+    configs.override(configs.get("tiny"), ["train.batch_size_per_device=0"])
