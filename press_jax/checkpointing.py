@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -106,8 +107,17 @@ def load_params(workdir: str, step: int | None = None):
   config = config_lib.PressConfig.from_dict(meta["model"])
   manager = make_manager(workdir)
   step = manager.latest_step() if step is None else step
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.PyTreeRestore()))["state"]
+  # Restore host numpy arrays: the saved shardings name the devices of the run that wrote the
+  # checkpoint, which this process may not have (trained on 4 devices, loaded on 1).
+  reader = ocp.CheckpointManager(checkpoint_directory(workdir), item_handlers={
+      "state": ocp.PyTreeCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+      "meta": ocp.JsonCheckpointHandler()})
+  metadata = reader.item_metadata(step)["state"]
+  restore_args = jax.tree_util.tree_map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray),
+                                        getattr(metadata, "tree", metadata))
+  restored = reader.restore(step, args=ocp.args.Composite(
+      state=ocp.args.PyTreeRestore(restore_args=restore_args)))["state"]
+  reader.close()
   params = restored["params"]
   model = press_net.PressNet(config)
   template = jax.eval_shape(lambda: press_net.init_params(model, jax.random.key(0)))

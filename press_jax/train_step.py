@@ -23,7 +23,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from press_jax import likelihoods, metrics
-from press_jax.models.press_net import PressNet
+from press_jax.models.press_net import PressNet, init_params
 
 DATA_AXIS = "data"
 Batch = dict[str, jax.Array]  # mixture (batch, samples), sources (batch, S, samples), mask.
@@ -45,10 +45,11 @@ def create_train_state(model: PressNet, optimizer: optax.GradientTransformation,
                        seed: int) -> TrainState:
   """Fresh parameters and optimiser state from `seed`."""
   init_key, state_key = jax.random.split(jax.random.PRNGKey(seed))
-  mixture = jnp.zeros((1, model.config.block_length), jnp.float32)
-  params = model.init(init_key, mixture)["params"]
+  # Both under jit: eager initialisation of the scanned model runs op by op and takes ~30 s on
+  # a 2-core CPU (a few seconds jitted).
+  params = init_params(model, init_key)
   return TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=jax.jit(optimizer.init)(params),
       rng=state_key, nonfinite_steps=jnp.zeros((), jnp.int32),
       consecutive_nonfinite=jnp.zeros((), jnp.int32))
 

@@ -319,13 +319,16 @@ def save(directory: str, model: PressNet, params) -> None:
 
 
 def load(directory: str) -> tuple[PressNet, Any]:
-  """(model, params) from a directory written by `save`."""
+  """(model, params) from a directory written by `save`, or a training work directory."""
   config_path = os.path.join(directory, CONFIG_FILE)
   params_path = os.path.join(directory, PARAMS_FILE)
   if not os.path.isfile(config_path) or not os.path.isfile(params_path):
+    from press_jax import checkpointing  # Local: checkpointing imports this module.
+    if os.path.isdir(checkpointing.checkpoint_directory(directory)):
+      return checkpointing.load_model(directory)
     raise FileNotFoundError(
-        f"load: {directory!r} does not hold {CONFIG_FILE} and {PARAMS_FILE} (written by "
-        "press_jax.models.press_net.save)")
+        f"load: {directory!r} holds neither {CONFIG_FILE} + {PARAMS_FILE} (written by "
+        "press_jax.models.press_net.save) nor a training checkpoint (checkpoints/)")
   with open(config_path) as handle:
     config = config_lib.PressConfig.from_dict(json.load(handle))
   model = PressNet(config)

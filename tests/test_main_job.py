@@ -1,0 +1,61 @@
+"""The main job end to end (corpus build, train, fine-tune, evaluate, report) on a tiny corpus."""
+
+import dataclasses
+import json
+import os
+
+import pytest
+
+from experiments import configs, main
+
+
+def tiny_experiment(data_dir, steps, finetune_steps, with_sdr):
+  base = configs.get("tiny")
+  return dataclasses.replace(
+      base,
+      train=dataclasses.replace(
+          base.train, steps=steps, log_every=2, eval_every=0, checkpoint_every=2,
+          optimizer=dataclasses.replace(base.train.optimizer, warmup_steps=1,
+                                        total_steps=steps)),
+      data=dataclasses.replace(base.data, builder_config="clean_8k_n6-2-3", data_dir=str(data_dir),
+                               eval_batch_size_per_device=1, crop_seconds=0.5),
+      finetune=configs.FinetuneConfig(min_steps=finetune_steps, steps_fraction=0.0),
+      with_sdr=with_sdr, max_test_batches=None)
+
+
+def check_outputs(workdir, summary, test_utterances):
+  with open(os.path.join(workdir, "results.json")) as handle:
+    results = json.load(handle)
+  assert [row["exit"] for row in results] == [1, 2]
+  for row in results:
+    assert set(row) == {"exit", "si_snri_db", "params", "gmac_per_s"}
+  assert results[0]["params"] < results[1]["params"]
+  assert results[0]["gmac_per_s"] < results[1]["gmac_per_s"]
+  assert summary["utterances"] == test_utterances
+  for name in ("evaluation.json", "plots/learning_curve.png", "plots/quality_vs_compute.png",
+               "train/train_history.json", "finetune/train_history.json"):
+    assert os.path.isfile(os.path.join(workdir, name)), name
+  assert os.listdir(os.path.join(workdir, "train", "tensorboard"))
+
+
+def test_main_job_reduced(tmp_path, capsys):
+  experiment = tiny_experiment(tmp_path / "data", steps=2, finetune_steps=1, with_sdr=False)
+  workdir = str(tmp_path / "run")
+  summary = main.run(experiment, workdir)
+  check_outputs(workdir, summary, test_utterances=3)
+  printed = capsys.readouterr().out
+  assert "SI-SNRi" in printed and "results.json" in printed
+  # A second call finds every stage finished and only re-evaluates.
+  again = main.run(experiment, workdir)
+  assert again["per_exit"] == summary["per_exit"]
+
+
+@pytest.mark.slow
+def test_main_job_tiny_config(tmp_path):
+  experiment = dataclasses.replace(
+      configs.get("tiny"),
+      data=dataclasses.replace(configs.get("tiny").data, builder_config="clean_8k_tiny",
+                               data_dir=str(tmp_path / "data")))
+  workdir = str(tmp_path / "run")
+  summary = main.run(experiment, workdir)
+  check_outputs(workdir, summary, test_utterances=8)

@@ -1,0 +1,155 @@
+"""Multi-host data parallelism on one machine: 2 processes x 2 CPU devices via jax.distributed.
+
+Each process runs press_jax.train.train (tests/train_worker.py, mode train) on its own half of
+every global batch (its 2 devices' rows), with gloo collectives between the processes, and
+checkpoints into the shared work directory. The two processes must stay in lock-step and agree
+with one process on 4 devices fed the same global batches.
+"""
+
+import json
+import os
+import socket
+import subprocess
+
+import numpy as np
+import pytest
+
+from press_jax import checkpointing, distributed
+from tests import train_worker, worker_util
+
+STEPS = train_worker.STEPS
+
+
+def free_port() -> int:
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
+def params_of(tree):
+  return {k: v for k, v in tree.items() if k.startswith(".params")}
+
+
+@pytest.fixture(scope="module")
+def multihost(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("multihost")
+  workdir = directory / "run"
+  address = f"localhost:{free_port()}"
+  processes, logs = [], []
+  for process_id in range(2):
+    spec = {"runs": [{"workdir": str(workdir), "out": str(directory / "final_"),
+                      "config": {"checkpoint_every": 5}}],  # Multi-process saves are slow.
+            "distributed": {"coordinator_address": address, "num_processes": 2,
+                            "process_id": process_id},
+            "result": str(directory / "result.json")}
+    logs.append(str(directory / f"process{process_id}.log"))
+    processes.append(worker_util.start_worker(
+        "train", spec, str(directory / f"spec{process_id}.json"), devices=2,
+        log_path=logs[-1]))
+  try:
+    for process, log in zip(processes, logs):
+      process.wait(timeout=400)
+      assert process.returncode == 0, worker_util.tail(log)
+  except subprocess.TimeoutExpired:
+    raise AssertionError("multi-host workers timed out:\n" + "\n".join(
+        worker_util.tail(log, 3000) for log in logs))
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
+  results = []
+  for process_id in range(2):
+    with open(directory / f"result.process{process_id}.json") as handle:
+      results.append(json.load(handle)["result"][0])
+  states = [worker_util.load_tree(str(directory / f"final_process{i}.npz")) for i in range(2)]
+
+  # The reference: one process, 4 devices, the same global batches.
+  single_dir = directory / "single"
+  single = worker_util.run_worker(
+      "train", {"runs": [{"workdir": str(single_dir / "run"), "out": str(single_dir) + "/"}]},
+      str(directory), devices=4, name="single")["result"][0]
+  single_state = worker_util.load_tree(str(single_dir / "process0.npz"))
+  return {"workdir": workdir, "results": results, "states": states, "single": single,
+          "single_state": single_state}
+
+
+def test_processes_joined_one_mesh(multihost):
+  for process_id, result in enumerate(multihost["results"]):
+    assert result["joined_distributed"] and result["process_index"] == process_id
+    assert result["process_count"] == 2
+    assert result["local_devices"] == 2 and result["global_devices"] == 4
+    assert result["final_step"] == STEPS and result["iterator_index"] == STEPS
+
+
+def test_processes_stay_in_lock_step(multihost):
+  first, second = multihost["results"]
+  assert json.dumps([r["loss"] for r in first["history"]]) == json.dumps(
+      [r["loss"] for r in second["history"]])
+  worker_util.assert_trees_equal(multihost["states"][0], multihost["states"][1],
+                                 "process 0 vs process 1")
+
+
+def test_two_hosts_match_one_host_with_four_devices(multihost):
+  single, state = multihost["single"], multihost["single_state"]
+  np.testing.assert_allclose([r["loss"] for r in multihost["results"][0]["history"]],
+                             [r["loss"] for r in single["history"]], rtol=1e-5)
+  difference = worker_util.max_abs_difference(params_of(multihost["states"][0]),
+                                              params_of(state))
+  assert difference < 1e-5, difference
+  assert int(multihost["states"][0][".step"]) == int(state[".step"]) == STEPS
+
+
+def test_multihost_checkpoint_is_complete(multihost):
+  workdir = str(multihost["workdir"])
+  names = sorted(os.listdir(checkpointing.checkpoint_directory(workdir)))
+  assert names == ["10", "5"]
+  _, params = checkpointing.load_params(workdir)
+  saved = {".params" + k: v for k, v in worker_util.flatten_tree(params).items()}
+  worker_util.assert_trees_equal(saved, params_of(multihost["states"][0]), "checkpoint")
+  with open(os.path.join(workdir, "train_history.json")) as handle:  # Lead host only.
+    assert [row["step"] for row in json.load(handle)] == list(range(1, STEPS + 1))
+
+
+# --- press_jax.distributed: flags and environment ---------------------------------------------
+@pytest.fixture
+def calls(monkeypatch):
+  recorded = []
+  monkeypatch.setattr(distributed.jax.distributed, "initialize",
+                      lambda *args, **kwargs: recorded.append((args, kwargs)))
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+               "PRESS_AUTO_DISTRIBUTED"):
+    monkeypatch.delenv(name, raising=False)
+  return recorded
+
+
+def test_single_process_does_nothing(calls):
+  assert distributed.initialize_from_flags_or_environment() is False
+  assert distributed.initialize_from_flags_or_environment(num_processes=1) is False
+  assert calls == []
+
+
+def test_explicit_arguments(calls, monkeypatch):
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "elsewhere:1")
+  assert distributed.initialize_from_flags_or_environment("host:1234", 2, 1) is True
+  assert calls == [((), {"coordinator_address": "host:1234", "num_processes": 2,
+                         "process_id": 1})]
+
+
+def test_environment_variables(calls, monkeypatch):
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.1:8476")
+  monkeypatch.setenv("JAX_NUM_PROCESSES", "4")
+  monkeypatch.setenv("JAX_PROCESS_ID", "3")
+  assert distributed.initialize_from_flags_or_environment() is True
+  assert calls == [((), {"coordinator_address": "10.0.0.1:8476", "num_processes": 4,
+                         "process_id": 3})]
+
+
+@pytest.mark.parametrize("arguments,match", [
+    (dict(coordinator_address="h:1", num_processes=2), "process_id"),
+    (dict(num_processes=2, process_id=0), "coordinator"),
+    (dict(coordinator_address="h:1", num_processes=2, process_id=2), "outside"),
+])
+def test_incomplete_settings_are_rejected(calls, arguments, match):
+  with pytest.raises(ValueError, match=match):
+    distributed.initialize_from_flags_or_environment(**arguments)
+  assert calls == []

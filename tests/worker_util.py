@@ -1,0 +1,125 @@
+"""Run `tests/train_worker.py` in subprocesses with N simulated CPU devices.
+
+JAX fixes its device count when it initialises, and the pytest process has already initialised
+it with one device, so every multi-device case runs in a fresh interpreter with
+XLA_FLAGS=--xla_force_host_platform_device_count=N.
+
+Compilation dominates these tests (20-40 s per train-step program on two busy CPU cores), so:
+- all workers of one pytest process share a persistent XLA compilation cache (a temporary
+  directory, removed at exit; set PRESS_JAX_TEST_XLA_CACHE to keep one): the tests reuse a few
+  step programs (same shapes and optimiser) across many short runs;
+- workers compile with --xla_backend_optimization_level=0 (about 2.5x faster to compile, 1.5x
+  slower to run these tiny steps). Every comparison is between programs built the same way.
+  Set PRESS_JAX_TEST_XLA_OPTIMIZE=1 to test with XLA's default optimisation instead.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WORKER = os.path.join(REPO_ROOT, "tests", "train_worker.py")
+
+
+def _cache_dir() -> str:
+  if os.environ.get("PRESS_JAX_TEST_XLA_CACHE"):
+    return os.environ["PRESS_JAX_TEST_XLA_CACHE"]
+  directory = tempfile.mkdtemp(prefix="press_jax_xla_cache_")
+  atexit.register(shutil.rmtree, directory, ignore_errors=True)
+  return directory
+
+
+XLA_CACHE_DIR = _cache_dir()
+
+
+def worker_env(devices: int) -> dict[str, str]:
+  env = dict(os.environ)
+  env.update(
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}" + (
+          "" if os.environ.get("PRESS_JAX_TEST_XLA_OPTIMIZE") == "1"
+          else " --xla_backend_optimization_level=0"),
+      PRESS_JAX_TEST_XLA_CACHE=XLA_CACHE_DIR,
+      PYTHONPATH=REPO_ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+      PYTHONUNBUFFERED="1")
+  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+    env.pop(name, None)
+  return env
+
+
+def worker_command(mode: str, spec: dict[str, Any], spec_path: str) -> list[str]:
+  with open(spec_path, "w") as handle:
+    json.dump(spec, handle)
+  return [sys.executable, WORKER, mode, spec_path]
+
+
+def start_worker(mode: str, spec: dict[str, Any], spec_path: str, devices: int,
+                 log_path: str, extra_env: dict[str, str] | None = None) -> subprocess.Popen:
+  """Start a worker in the background (stdout and stderr to `log_path`)."""
+  env = worker_env(devices)
+  env.update(extra_env or {})
+  log = open(log_path, "w")
+  process = subprocess.Popen(worker_command(mode, spec, spec_path), cwd=REPO_ROOT, env=env,
+                             stdout=log, stderr=subprocess.STDOUT)
+  log.close()
+  return process
+
+
+def tail(path: str, characters: int = 6000) -> str:
+  with open(path, errors="replace") as handle:
+    return handle.read()[-characters:]
+
+
+def run_worker(mode: str, spec: dict[str, Any], workdir: str, devices: int,
+               name: str = "worker", timeout: float = 300) -> dict[str, Any]:
+  """Run a worker to completion; returns its result JSON (spec['result'])."""
+  spec = dict(spec, result=os.path.join(workdir, f"{name}_result.json"))
+  log_path = os.path.join(workdir, f"{name}.log")
+  process = start_worker(mode, spec, os.path.join(workdir, f"{name}_spec.json"), devices,
+                         log_path)
+  try:
+    process.wait(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    process.kill()
+    process.wait()
+    raise AssertionError(f"{name} timed out after {timeout} s:\n{tail(log_path)}")
+  if process.returncode != 0:
+    raise AssertionError(f"{name} failed (exit {process.returncode}):\n{tail(log_path)}")
+  with open(spec["result"]) as handle:
+    return json.load(handle)
+
+
+def load_tree(path: str) -> dict[str, np.ndarray]:
+  """A flattened tree saved by the worker ({key path: array})."""
+  with np.load(path) as data:
+    return {key: data[key] for key in data.files}
+
+
+def flatten_tree(tree) -> dict[str, np.ndarray]:
+  """{key path: array} of a pytree, keyed like the worker's files (jax.tree_util.keystr)."""
+  import jax
+
+  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]
+  return {jax.tree_util.keystr(path): np.asarray(leaf) for path, leaf in leaves}
+
+
+def max_abs_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+  assert a.keys() == b.keys(), sorted(set(a) ^ set(b))
+  return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64))))
+             if a[k].size else 0.0 for k in a)
+
+
+def assert_trees_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what: str = ""):
+  assert a.keys() == b.keys(), (what, sorted(set(a) ^ set(b)))
+  different = [k for k in a if not np.array_equal(a[k], b[k])]
+  assert not different, (f"{what}: {len(different)} of {len(a)} leaves differ, max |diff| "
+                         f"{max_abs_difference(a, b):.3g}; first: {different[:3]}")
