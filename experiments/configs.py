@@ -73,13 +73,13 @@ def demo() -> ExperimentConfig:
   test evaluation ~1 min; per-exit SI-SNRi rising with the exit (see README for the numbers
   measured on this machine).
   """
-  steps = 1000
+  steps = 1400
   return ExperimentConfig(
       name="demo",
       train=TrainConfig(
           model="tiny", steps=steps, batch_size_per_device=4, log_every=50, eval_every=500,
           checkpoint_every=250, keep_checkpoints=2, time_limit_s=14 * 60,
-          optimizer=optim.OptimizerConfig(peak_learning_rate=2e-3, warmup_steps=100,
+          optimizer=optim.OptimizerConfig(peak_learning_rate=1e-3, warmup_steps=100,
                                           total_steps=steps)),
       # One length bucket: on a CPU each new shape costs a ~20 s compile, more than the padding.
       data=DataConfig(crop_seconds=2.0, max_validation_batches=8, bucket_seconds=(6.0,)),
