@@ -148,6 +148,9 @@ def format_report(summary: dict) -> str:
     sdr = f"{e['sdri_db']:>10.2f}" if has_sdr else f"{'-':>10}"
     lines.append(f"{e['exit']:>4} {e['si_snri_db']:>13.2f} {sdr} {e['params'] / 1e6:>11.3f} "
                  f"{e['gmac_per_s']:>8.3f}")
+  lines.append("Calibration of the predicted error variance, KS distance of the PIT values to "
+               "uniform (0 = calibrated), per exit: " + ", ".join(
+                   f"{e['calibration']['pit_ks']:.3f}" for e in summary["per_exit"]))
   lines.append(f"Dynamic exits (confidence p = {summary['dynamic'][0]['confidence']}):")
   lines.append(f"{'t (dB)':>7} {'SI-SNRi':>8} {'GMAC/s':>8} {'mean exit':>10} {'regret':>7} "
                f"{'oracle GMAC/s':>14} {'oracle regret':>14}")

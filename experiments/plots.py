@@ -1,4 +1,4 @@
-"""Figures of a run: learning curve, SI-SNRi vs GMAC/s (static and dynamic), regret vs GMAC/s.
+"""Figures of a run: learning curve, SI-SNRi and regret vs GMAC/s, PIT calibration histograms.
 
 Run on a finished work directory:
   python -m experiments.plots runs/demo
@@ -11,6 +11,7 @@ import os
 import sys
 
 import matplotlib
+import numpy as np
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -81,14 +82,35 @@ def quality_vs_compute(summary: dict, path: str) -> None:
   plt.close(figure)
 
 
+def calibration(summary: dict, path: str) -> None:
+  """Histogram of the PIT values of each exit's predicted error variance (flat = calibrated)."""
+  exits = summary["per_exit"]
+  figure, axes = plt.subplots(1, len(exits), figsize=(3.2 * len(exits), 3), sharey=True,
+                              squeeze=False)
+  for axis, entry in zip(axes[0], exits):
+    density = entry["calibration"]["pit_histogram"]
+    edges = np.linspace(0.0, 1.0, len(density) + 1)
+    axis.bar(edges[:-1], density, width=np.diff(edges), align="edge", alpha=0.7)
+    axis.axhline(1.0, color="k", linestyle=":", label="calibrated")
+    axis.set(xlabel="PIT value", title=f"exit {entry['exit']}: KS "
+             f"{entry['calibration']['pit_ks']:.3f}")
+  axes[0][0].set(ylabel="density (test blocks)")
+  axes[0][0].legend(fontsize=7)
+  figure.tight_layout()
+  figure.savefig(path, dpi=110)
+  plt.close(figure)
+
+
 def plot_run(workdir: str, summary: dict) -> list[str]:
   """All figures of a run; returns their paths."""
   directory = os.path.join(workdir, PLOT_DIR)
   os.makedirs(directory, exist_ok=True)
   paths = [os.path.join(directory, "learning_curve.png"),
-           os.path.join(directory, "quality_vs_compute.png")]
+           os.path.join(directory, "quality_vs_compute.png"),
+           os.path.join(directory, "calibration.png")]
   learning_curve(workdir, paths[0])
   quality_vs_compute(summary, paths[1])
+  calibration(summary, paths[2])
   return paths
 
 

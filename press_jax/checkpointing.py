@@ -2,7 +2,7 @@
 
 Layout of a work directory:
     checkpoints/<step>/state     TrainState (params, optimiser state, step, RNG, skip counters)
-    checkpoints/<step>/data      the training iterator's state (JSON)
+    checkpoints/<step>/data      every process's training-iterator state (JSON list, by process)
     checkpoints/<step>/meta      train config, model config, sample rate (JSON)
 Orbax writes each checkpoint to a temporary directory and renames it when complete, so a run
 killed mid-save leaves the previous checkpoint intact.
@@ -11,6 +11,8 @@ killed mid-save leaves the previous checkpoint intact.
 from __future__ import annotations
 
 import base64
+import json
+import logging
 import os
 from typing import Any
 
@@ -22,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from press_jax import config as config_lib
 
 CHECKPOINT_DIR = "checkpoints"
+log = logging.getLogger(__name__)
 
 
 def checkpoint_directory(workdir: str) -> str:
@@ -55,14 +58,53 @@ def decode_iterator_state(state: Any) -> Any:
   return state
 
 
+def gather_from_processes(value: Any) -> list[Any]:
+  """Every process's JSON-serialisable `value`, in process order (a collective: all must call)."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils
+
+  encoded = np.frombuffer(json.dumps(value).encode("utf-8"), np.uint8).astype(np.int32)
+  lengths = np.asarray(multihost_utils.process_allgather(np.int32(encoded.size)))
+  padded = np.zeros(int(lengths.max()), np.int32)  # Same shape on every process.
+  padded[:encoded.size] = encoded
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return [json.loads(bytes(row[:int(length)].astype(np.uint8)).decode("utf-8"))
+          for row, length in zip(gathered, np.asarray(lengths))]
+
+
 def save(manager: ocp.CheckpointManager, state, iterator_state: Any,
          meta: dict[str, Any]) -> None:
-  """Save one checkpoint at `state.step` (asynchronous; call manager.wait_until_finished())."""
+  """Save one checkpoint at `state.step` (asynchronous; call manager.wait_until_finished()).
+
+  Every process passes its own `iterator_state` (hosts read different shards); they are gathered
+  and written together by the lead process, and `restore` hands each process its own back.
+  """
   step = int(jax.device_get(state.step))
+  iterators = gather_from_processes(encode_iterator_state(iterator_state))
   manager.save(step, args=ocp.args.Composite(
       state=ocp.args.StandardSave(state),
-      data=ocp.args.JsonSave({"iterator": encode_iterator_state(iterator_state)}),
+      data=ocp.args.JsonSave({"iterators": iterators, "process_count": len(iterators)}),
       meta=ocp.args.JsonSave(meta)), force=True)
+
+
+def iterator_state_of_process(data: dict[str, Any], where: str = "checkpoint") -> Any:
+  """This process's iterator state from a checkpoint's data item (None if it cannot be used).
+
+  A checkpoint written by a different number of processes holds states for other data shards:
+  they are not restored (the iterators start afresh from their seed) and a warning says so.
+  Checkpoints of earlier versions hold one state, {"iterator": ...}, written by one process.
+  """
+  if "iterators" not in data:
+    data = {"iterators": [data["iterator"]], "process_count": 1}
+  saved_count = int(data["process_count"])
+  if saved_count != jax.process_count():
+    log.warning(
+        "%s: the data-iterator states were saved by %d processes, this run has %d; the "
+        "iterators restart from their seed (parameters and optimiser state are restored)",
+        where, saved_count, jax.process_count())
+    return None
+  return decode_iterator_state(data["iterators"][jax.process_index()])
 
 
 def abstract_like(state, sharding=None):
@@ -86,7 +128,8 @@ def restore(manager: ocp.CheckpointManager, template_state, step: int | None = N
   restored = manager.restore(step, args=ocp.args.Composite(
       state=ocp.args.StandardRestore(abstract_like(template_state, sharding)),
       data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-  return (restored["state"], decode_iterator_state(restored["data"]["iterator"]),
+  return (restored["state"],
+          iterator_state_of_process(restored["data"], f"{manager.directory}/{step}"),
           restored["meta"])
 
 

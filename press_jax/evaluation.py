@@ -3,7 +3,8 @@
 Batches are this host's numpy dicts as the loaders produce them: 'mixture' (devices, batch,
 samples), 'sources' (devices, batch, speakers, samples), 'mask', and optionally 'example_mask'
 (devices, batch) marking filler slots. Reported per exit: PIT SI-SNR / SI-SNRi (and SDRi with
-`with_sdr`); per target level t: the dynamic policy's SI-SNRi, mean GMAC/s, mean exit and
+`with_sdr`), and the calibration of the predicted error variance (KS distance of the PIT values
+to uniform, their histogram; docs/probabilistic.md); per target level t: the dynamic policy's SI-SNRi, mean GMAC/s, mean exit and
 one-sided regret, beside the oracle's and the static exits' regret (SPEC §4).
 """
 
@@ -16,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from press_jax import exit_rule, metrics
+from press_jax import calibration, exit_rule, metrics
 from press_jax.models.press_net import PressNet
 
 
@@ -51,7 +52,9 @@ class Evaluator:
     self._per_exit = jax.jit(_per_exit_si_snr)
     self._block_snr = jax.jit(lambda o, s, m: exit_rule.block_exit_snr(
         o, s, m, config.block_length))
+    self._pit = jax.jit(lambda o, s, m: block_pit_values(o, s, m, config.block_length))
     self.rows: list[dict[str, Any]] = []
+    self.pit_values: list[list[np.ndarray]] = [[] for _ in self.gmac_per_exit]  # Valid blocks.
 
   def add(self, batch: dict[str, Any]) -> None:
     """Evaluate one batch."""
@@ -66,6 +69,9 @@ class Evaluator:
     # Targets aligned with the last exit's estimates, for the block SNRs of the policies.
     aligned = jnp.take_along_axis(sources, permutation[-1][:, :, None], axis=1)
     block_snr = self._block_snr(outputs, aligned, mask)  # (exits, batch, speakers, blocks)
+    pit, pit_valid = (np.asarray(x) for x in self._pit(outputs, aligned, mask))
+    for e, values in enumerate(pit):
+      self.pit_values[e].append(values[pit_valid[e]])
     sdri = self._sdr_improvement(outputs, flat) if self.with_sdr else None
     policy_rows = []
     for target_db in self.policy.target_dbs:
@@ -123,6 +129,9 @@ class Evaluator:
                "gmac_per_s": float(self.gmac_per_exit[e])}
       if "sdri" in self.rows[0]:
         entry["sdri_db"] = float(np.mean([r["sdri"][e] for r in self.rows]))
+      pit = np.concatenate(self.pit_values[e])
+      entry["calibration"] = {"blocks": int(pit.size), "pit_ks": calibration.ks_distance(pit),
+                              "pit_histogram": calibration.pit_histogram(pit).tolist()}
       per_exit.append(entry)
     dynamic = []
     for t_index, target_db in enumerate(self.policy.target_dbs):
@@ -155,6 +164,19 @@ def _per_exit_si_snr(means, sources, mixture, mask):
     return values.mean(-1), (values - reference).mean(-1), permutation
 
   return jax.vmap(one_exit)(means)
+
+
+def block_pit_values(outputs, aligned_sources, mask, block_length: int):
+  """PIT values (exits, batch, speakers, blocks) of every block and which blocks are valid.
+
+  A block counts when it holds valid samples and its error energy is positive (a perfect block
+  has no defined PIT value).
+  """
+  error_energy, count = calibration.block_error_statistics(outputs, aligned_sources, mask,
+                                                          block_length)
+  count = count[None, :, None, :]
+  values = calibration.pit_values(error_energy, count, outputs.log_var, outputs.log_alpha)
+  return values, (count > 0) & (error_energy > 0)
 
 
 def _regret(block_snr, exit_index, block_valid, target_db) -> np.ndarray:

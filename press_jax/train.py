@@ -91,7 +91,7 @@ class TrainResult:
   """What a call to `train` did."""
 
   state: step_lib.TrainState
-  history: list[dict[str, Any]]  # One row per log step (and per evaluation).
+  history: list[dict[str, Any]]  # Per log step: means since the previous row; per evaluation.
   stopped_early: bool  # The time limit ended the run before `steps`.
 
 
@@ -204,24 +204,35 @@ def train(
   window_start, window_step = started, step  # Wall time and step of the last log row.
   stopped_early = False
   pending = None  # Metrics of the previous step, read after the next one is dispatched.
+  averaged = ("loss", "per_exit_loss", "per_exit_si_snr", "grad_norm")
+  window_sums: dict[str, np.ndarray] = {}  # Sums over the finite steps since the last row.
+  window_finite = 0
 
   def handle(step_number, metrics):
-    nonlocal window_start, window_step
+    nonlocal window_start, window_step, window_sums, window_finite
     metrics = jax.device_get(metrics)
     if int(metrics["consecutive_nonfinite"]) >= config.max_consecutive_nonfinite:
       raise NonFiniteTrainingError(
           f"train: {int(metrics['consecutive_nonfinite'])} consecutive steps up to step "
           f"{step_number} had a non-finite loss or gradient (max_consecutive_nonfinite="
           f"{config.max_consecutive_nonfinite}); parameters were left at the last finite step")
+    if float(metrics["finite"]) > 0:
+      window_sums = {k: window_sums.get(k, 0.0) + np.asarray(metrics[k], np.float64)
+                     for k in averaged}
+      window_finite += 1
     if step_number % config.log_every == 0 or step_number == config.steps:
       now = time.perf_counter()
+      # Means over the window's finite steps (the step's own values if none was finite).
+      means = ({k: v / window_finite for k, v in window_sums.items()} if window_finite
+               else {k: np.asarray(metrics[k]) for k in averaged})
+      window_sums, window_finite = {}, 0
       # The schedule index of the update this step's gradient went into (finite batches only).
       updates = max(step_number - int(metrics["nonfinite_steps"]) - 1, 0) // (
           config.optimizer.accumulation_steps)
-      row = {"step": step_number, "loss": float(metrics["loss"]),
-             "per_exit_loss": [float(v) for v in metrics["per_exit_loss"]],
-             "per_exit_si_snr": [float(v) for v in metrics["per_exit_si_snr"]],
-             "grad_norm": float(metrics["grad_norm"]),
+      row = {"step": step_number, "loss": float(means["loss"]),
+             "per_exit_loss": [float(v) for v in means["per_exit_loss"]],
+             "per_exit_si_snr": [float(v) for v in means["per_exit_si_snr"]],
+             "grad_norm": float(means["grad_norm"]),
              "learning_rate": float(schedule(updates)),
              "nonfinite_steps": int(metrics["nonfinite_steps"]),
              "steps_per_s": (step_number - window_step) / max(now - window_start, 1e-9)}

@@ -56,6 +56,7 @@ class MockIterator:
     self.seed = seed
     local = global_devices // process_count
     self.local_slice = slice(process_index * local, (process_index + 1) * local)
+    self.process_index = process_index
     self.nan_batches, self.nan_device = set(nan_batches), nan_device
     self.progress_file = progress_file
     self.index = 0
@@ -75,11 +76,14 @@ class MockIterator:
     return {name: value[self.local_slice] for name, value in batch.items()}
 
   def get_state(self) -> dict[str, int]:
-    return {"index": self.index, "seed": self.seed}
+    return {"index": self.index, "seed": self.seed, "process_index": self.process_index}
 
   def set_state(self, state: dict[str, int]) -> None:
     if state["seed"] != self.seed:
       raise ValueError(f"MockIterator: state of seed {state['seed']} given to seed {self.seed}")
+    if state["process_index"] != self.process_index:  # Each host must get its own state back.
+      raise ValueError(f"MockIterator: state of process {state['process_index']} given to "
+                       f"process {self.process_index}")
     self.index = int(state["index"])
 
 

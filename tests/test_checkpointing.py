@@ -180,7 +180,7 @@ def test_restore_onto_fewer_devices(uninterrupted, tmp_path, devices):
       name=f"restore{devices}")["result"][0]
   assert result["global_devices"] == devices
   assert result["restored_step"] == 6 and result["resumed_from"] == 6
-  assert result["restored_iterator_state"] == {"index": 6, "seed": 0}
+  assert result["restored_iterator_state"] == {"index": 6, "seed": 0, "process_index": 0}
   assert result["restored_replicated_on"] == [devices] and result["restored_fully_replicated"]
   restored = worker_util.load_tree(str(tmp_path / "final_restored.npz"))
   worker_util.assert_trees_equal({k: v for k, v in restored.items() if k.startswith(".params")},
@@ -211,3 +211,22 @@ def test_no_checkpoint(tmp_path):
   assert not checkpointing.has_checkpoint(str(tmp_path))
   with pytest.raises(FileNotFoundError, match="no checkpoint"):
     checkpointing.read_meta(str(tmp_path))
+
+
+def test_iterator_state_of_this_process_is_picked():
+  data = {"iterators": [{"index": 3}], "process_count": 1}
+  assert checkpointing.iterator_state_of_process(data) == {"index": 3}
+  assert checkpointing.gather_from_processes({"index": 3}) == [{"index": 3}]
+
+
+def test_single_iterator_state_of_earlier_checkpoints_is_read():
+  assert checkpointing.iterator_state_of_process({"iterator": {"index": 4}}) == {"index": 4}
+
+
+def test_iterator_states_of_another_process_count_are_not_restored(caplog):
+  data = {"iterators": [{"index": 3, "process_index": 0}, {"index": 3, "process_index": 1}],
+          "process_count": 2}
+  with caplog.at_level("WARNING"):
+    assert checkpointing.iterator_state_of_process(data, "run/checkpoints/7") is None
+  assert "saved by 2 processes, this run has 1" in caplog.text
+  assert "run/checkpoints/7" in caplog.text

@@ -8,7 +8,7 @@ from experiments import configs
 from press_jax import compute
 
 # tiny and demo have 2 decoder blocks: 4, 6 or 12 exits cannot divide them (PressConfig refuses).
-_INVALID = {(base, ablation) for base in ("tiny", "demo")
+_INVALID = {(base, ablation) for base in ("tiny", "demo", "demo_long")
             for ablation in ("exits_4", "exits_6", "exits_12")}
 
 # What each ablation may change: dotted paths in ExperimentConfig.to_dict() (besides the name).
@@ -161,3 +161,11 @@ def test_override_errors_name_the_field(assignment, message):
 def test_override_validates_the_result():
   with pytest.raises(ValueError, match="batch_size_per_device"):
     configs.override(configs.get("tiny"), ["train.batch_size_per_device=0"])
+
+
+def test_demo_long_is_the_demo_recipe_with_more_steps():
+  demo, long = configs.get("demo"), configs.get("demo_long")
+  assert changed_fields(demo, long) == {
+      "train.steps", "train.eval_every", "train.checkpoint_every", "train.time_limit_s",
+      "train.optimizer.total_steps"}
+  assert long.train.optimizer.total_steps == long.train.steps > demo.train.steps

@@ -66,3 +66,62 @@ def test_filler_slots_are_skipped():
   batch["example_mask"][0, 1] = 0.0
   flat = evaluation.flatten_batch(batch)
   assert flat["mixture"].shape[0] == 1
+
+
+def test_calibration_counts_every_valid_block(summary):
+  result, _ = summary
+  # 2 batches x (a full utterance: 2 blocks of T = 1000 in 1600 samples, + a padded one whose
+  # second block holds no valid sample) x 2 speakers.
+  for entry in result["per_exit"]:
+    calibration = entry["calibration"]
+    assert calibration["blocks"] == 2 * (2 + 1) * 2
+    assert 0.0 <= calibration["pit_ks"] <= 1.0
+    assert np.mean(calibration["pit_histogram"]) == pytest.approx(1.0)  # A density on [0, 1].
+
+
+def _outputs_with_errors_from(log_var, log_alpha, sources, rng):
+  """Estimates whose block error variance is drawn from InvGamma(alpha, alpha * var)."""
+  from press_jax.types import ExitOutputs
+
+  alpha, beta = np.exp(log_alpha), np.exp(log_alpha + log_var)
+  variance = beta / rng.gamma(alpha)  # (exits, batch, speakers, blocks)
+  block_length = sources.shape[-1] // variance.shape[-1]
+  noise = rng.standard_normal(variance.shape[:-1] + (sources.shape[-1],))
+  noise *= np.repeat(np.sqrt(variance), block_length, axis=-1)
+  return ExitOutputs(mean=(sources[None] + noise).astype(np.float32),
+                     log_var=np.asarray(log_var, np.float32),
+                     log_alpha=np.asarray(log_alpha, np.float32))
+
+
+def test_block_pit_values_are_uniform_when_the_prediction_is_right():
+  """Monte Carlo: errors drawn from the predicted distribution give uniform PIT values."""
+  import scipy.stats
+
+  rng = np.random.default_rng(0)
+  exits, batch, speakers, blocks, block_length = 2, 32, 2, 8, 1000
+  sources = rng.standard_normal((batch, speakers, blocks * block_length)).astype(np.float32)
+  shape = (exits, batch, speakers, blocks)
+  log_var = rng.uniform(-6.0, 0.0, shape)
+  log_alpha = np.log(rng.uniform(2.0, 20.0, shape))
+  mask = np.ones((batch, blocks * block_length), np.float32)
+  outputs = _outputs_with_errors_from(log_var, log_alpha, sources, rng)
+  values, valid = evaluation.block_pit_values(outputs, sources, mask, block_length)
+  values, valid = np.asarray(values), np.asarray(valid)
+  assert valid.all()
+  assert scipy.stats.kstest(values.ravel(), "uniform").pvalue > 0.01
+  # The same errors scored against a variance 4x too large: PIT values pile up near 0.
+  values_wide, _ = evaluation.block_pit_values(
+      outputs.replace(log_var=outputs.log_var + np.log(4.0)), sources, mask, block_length)
+  assert scipy.stats.kstest(np.asarray(values_wide).ravel(), "uniform").statistic > 0.2
+
+
+def test_block_pit_values_skip_padding():
+  rng = np.random.default_rng(1)
+  sources = rng.standard_normal((2, 2, 3000)).astype(np.float32)
+  mask = np.ones((2, 3000), np.float32)
+  mask[1, 1500:] = 0.0  # Second utterance: block 2 half valid, block 3 empty.
+  shape = (1, 2, 2, 3)
+  outputs = _outputs_with_errors_from(np.zeros(shape), np.log(np.full(shape, 5.0)), sources, rng)
+  _, valid = evaluation.block_pit_values(outputs, sources, mask, 1000)
+  np.testing.assert_array_equal(np.asarray(valid)[0, :, 0], [[True, True, True],
+                                                              [True, True, False]])

@@ -33,6 +33,7 @@ def check_outputs(workdir, summary, test_utterances):
   assert results[0]["gmac_per_s"] < results[1]["gmac_per_s"]
   assert summary["utterances"] == test_utterances
   for name in ("evaluation.json", "plots/learning_curve.png", "plots/quality_vs_compute.png",
+               "plots/calibration.png",
                "train/train_history.json", "finetune/train_history.json"):
     assert os.path.isfile(os.path.join(workdir, name)), name
   assert os.listdir(os.path.join(workdir, "train", "tensorboard"))
@@ -44,7 +45,7 @@ def test_main_job_reduced(tmp_path, capsys):
   summary = main.run(experiment, workdir)
   check_outputs(workdir, summary, test_utterances=3)
   printed = capsys.readouterr().out
-  assert "SI-SNRi" in printed and "results.json" in printed
+  assert "SI-SNRi" in printed and "results.json" in printed and "KS distance" in printed
   # A second call finds every stage finished and only re-evaluates.
   again = main.run(experiment, workdir)
   assert again["per_exit"] == summary["per_exit"]
@@ -59,3 +60,22 @@ def test_main_job_tiny_config(tmp_path):
   workdir = str(tmp_path / "run")
   summary = main.run(experiment, workdir)
   check_outputs(workdir, summary, test_utterances=8)
+
+
+def test_budget_probe_trains_then_validates(tmp_path):
+  from experiments import budget_probe
+
+  experiment = tiny_experiment(tmp_path / "data", steps=2, finetune_steps=1, with_sdr=False)
+  row = budget_probe.probe(experiment, str(tmp_path / "probe"), seconds=600)
+  assert row["steps"] == 2  # The step budget ran out before the time budget.
+  assert row["validation_utterances"] > 0
+  assert len(row["validation_si_snri_db"]) == 2
+  assert all(isinstance(v, float) for v in row["validation_si_snri_db"])
+
+
+def test_budget_probe_rejects_a_non_positive_budget(tmp_path, capsys):
+  from experiments import budget_probe
+
+  with pytest.raises(SystemExit):
+    budget_probe.main_cli(["--seconds", "0", "--workdir", str(tmp_path)])
+  assert "--seconds must be positive, got 0.0" in capsys.readouterr().err

@@ -37,8 +37,12 @@ def multihost(tmp_path_factory):
   address = f"localhost:{free_port()}"
   processes, logs = [], []
   for process_id in range(2):
+    # Multi-process saves are slow: a checkpoint every 5 steps. The second run resumes the
+    # first at step 10 for 2 more steps: each process must get its own iterator state back.
     spec = {"runs": [{"workdir": str(workdir), "out": str(directory / "final_"),
-                      "config": {"checkpoint_every": 5}}],  # Multi-process saves are slow.
+                      "config": {"checkpoint_every": 5}},
+                     {"workdir": str(workdir), "config": {"checkpoint_every": 5,
+                                                          "steps": STEPS + 2}}],
             "distributed": {"coordinator_address": address, "num_processes": 2,
                             "process_id": process_id},
             "result": str(directory / "result.json")}
@@ -57,10 +61,12 @@ def multihost(tmp_path_factory):
     for process in processes:
       if process.poll() is None:
         process.kill()
-  results = []
+  results, resumed = [], []
   for process_id in range(2):
     with open(directory / f"result.process{process_id}.json") as handle:
-      results.append(json.load(handle)["result"][0])
+      first, second = json.load(handle)["result"]
+    results.append(first)
+    resumed.append(second)
   states = [worker_util.load_tree(str(directory / f"final_process{i}.npz")) for i in range(2)]
 
   # The reference: one process, 4 devices, the same global batches.
@@ -69,8 +75,8 @@ def multihost(tmp_path_factory):
       "train", {"runs": [{"workdir": str(single_dir / "run"), "out": str(single_dir) + "/"}]},
       str(directory), devices=4, name="single")["result"][0]
   single_state = worker_util.load_tree(str(single_dir / "process0.npz"))
-  return {"workdir": workdir, "results": results, "states": states, "single": single,
-          "single_state": single_state}
+  return {"workdir": workdir, "results": results, "resumed": resumed, "states": states,
+          "single": single, "single_state": single_state}
 
 
 def test_processes_joined_one_mesh(multihost):
@@ -101,13 +107,33 @@ def test_two_hosts_match_one_host_with_four_devices(multihost):
 
 def test_multihost_checkpoint_is_complete(multihost):
   workdir = str(multihost["workdir"])
-  names = sorted(os.listdir(checkpointing.checkpoint_directory(workdir)))
-  assert names == ["10", "5"]
-  _, params = checkpointing.load_params(workdir)
+  names = sorted(os.listdir(checkpointing.checkpoint_directory(workdir)), key=int)
+  assert names == ["5", "10", str(STEPS + 2)]
+  _, params = checkpointing.load_params(workdir, step=STEPS)
   saved = {".params" + k: v for k, v in worker_util.flatten_tree(params).items()}
   worker_util.assert_trees_equal(saved, params_of(multihost["states"][0]), "checkpoint")
   with open(os.path.join(workdir, "train_history.json")) as handle:  # Lead host only.
-    assert [row["step"] for row in json.load(handle)] == list(range(1, STEPS + 1))
+    assert [row["step"] for row in json.load(handle)] == list(range(1, STEPS + 3))
+
+
+def test_multihost_checkpoint_holds_every_hosts_iterator_state(multihost):
+  manager = checkpointing.make_manager(str(multihost["workdir"]))
+  data = manager.restore(STEPS, args=checkpointing.ocp.args.Composite(
+      data=checkpointing.ocp.args.JsonRestore()))["data"]
+  manager.close()
+  assert data["process_count"] == 2
+  assert data["iterators"] == [{"index": STEPS, "seed": 0, "process_index": 0},
+                               {"index": STEPS, "seed": 0, "process_index": 1}]
+
+
+def test_multihost_resume_gives_each_host_its_own_iterator_state(multihost):
+  # MockIterator.set_state raises if handed another process's state.
+  for process_id, result in enumerate(multihost["resumed"]):
+    assert "error" not in result, result
+    assert result["resumed_from"] == STEPS
+    assert result["final_step"] == STEPS + 2 and result["iterator_index"] == STEPS + 2
+  first, second = multihost["resumed"]
+  assert [r["loss"] for r in first["history"]] == [r["loss"] for r in second["history"]]
 
 
 # --- press_jax.distributed: flags and environment ---------------------------------------------

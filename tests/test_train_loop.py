@@ -4,7 +4,8 @@ One subprocess with 2 simulated CPU devices runs, in order (tests/train_worker.p
   A  10 steps of the tiny preset into workdir `main`: eval every 4 steps on a mock eval
      iterator, a checkpoint every 3 (keep 2), a NaN in device 1's shard of batches 1 and 3;
   B  the same workdir with steps=12: resumes from A's last checkpoint;
-  C  a fresh workdir whose batches 2 and 3 are NaN, with max_consecutive_nonfinite=2.
+  C  a fresh workdir whose batches 2 and 3 are NaN, with max_consecutive_nonfinite=2;
+  D  run A again in a fresh workdir with log_every=5: its rows must average A's per-step rows.
 The tests then look at what the runs left behind and returned.
 """
 
@@ -31,16 +32,18 @@ LOOP = {"eval_every": 4, "checkpoint_every": 3, "keep_checkpoints": 2,
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   directory = tmp_path_factory.mktemp("loop")
-  main, diverging = directory / "main", directory / "diverging"
+  main, diverging, averaged = directory / "main", directory / "diverging", directory / "averaged"
   spec = {"runs": [
       {"workdir": str(main), "out": str(directory / "A_"), "nan_batches": [1, 3],
        "nan_device": 1, "config": LOOP},
       {"workdir": str(main), "out": str(directory / "B_"), "config": dict(LOOP, steps=12)},
       {"workdir": str(diverging), "nan_batches": [2, 3], "config": LOOP},
+      {"workdir": str(averaged), "nan_batches": [1, 3], "nan_device": 1,
+       "config": dict(LOOP, log_every=5)},
   ]}
   result = worker_util.run_worker("train", spec, str(directory), devices=2, name="loop")
-  a, b, c = result["result"]
-  return {"main": main, "diverging": diverging, "A": a, "B": b, "C": c,
+  a, b, c, d = result["result"]
+  return {"main": main, "diverging": diverging, "A": a, "B": b, "C": c, "D": d,
           "A_state": worker_util.load_tree(str(directory / "A_process0.npz")),
           "B_state": worker_util.load_tree(str(directory / "B_process0.npz"))}
 
@@ -78,6 +81,19 @@ def test_nan_batches_are_skipped_and_counted(runs):
   for step, row in rows.items():
     update = max(step - 1 - sum(1 for s in (2, 4) if s <= step), 0)
     assert row["learning_rate"] == pytest.approx(float(schedule(update)), abs=1e-12), step
+
+
+def test_log_rows_average_the_finite_steps_since_the_previous_row(runs):
+  per_step = {row["step"]: row for row in loss_rows(runs["A"]["history"])}
+  rows = loss_rows(runs["D"]["history"])
+  assert [row["step"] for row in rows] == [5, 10]
+  for row, window in zip(rows, ([1, 3, 5], [6, 7, 8, 9, 10])):  # Steps 2 and 4 were NaN.
+    for key in ("loss", "grad_norm"):
+      assert row[key] == pytest.approx(np.mean([per_step[s][key] for s in window]), rel=1e-5)
+    for key in ("per_exit_loss", "per_exit_si_snr"):
+      np.testing.assert_allclose(
+          row[key], np.mean([per_step[s][key] for s in window], axis=0), rtol=1e-5, atol=1e-6)
+    assert row["nonfinite_steps"] == per_step[row["step"]]["nonfinite_steps"]
 
 
 def test_consecutive_nan_batches_raise(runs):
