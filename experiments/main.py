@@ -110,19 +110,20 @@ def run_finetuning(experiment: configs.ExperimentConfig, workdir: str, init_from
   return stage_dir
 
 
-def run_evaluation(experiment: configs.ExperimentConfig, workdir: str, model_dir: str) -> dict:
-  """Stage 3: the test split, every exit and the exit policies."""
+def run_evaluation(experiment: configs.ExperimentConfig, model_dir: str, split: str,
+                   max_batches: int | None) -> dict:
+  """Stage 3: every exit and the exit policies on `split` (at most `max_batches` batches)."""
   model, params = checkpointing.load_model(model_dir)
   costs = compute.exit_costs(model.config)
   started = time.perf_counter()
   summary = evaluation.evaluate(
-      model, params, eval_iterator_factory(experiment.data, experiment.data.test_split,
-                                           experiment.max_test_batches)(),
+      model, params, eval_iterator_factory(experiment.data, split, max_batches)(),
       [c.gmac_per_s for c in costs], experiment.policy, with_sdr=experiment.with_sdr)
   for entry, cost in zip(summary["per_exit"], costs):
     entry["params"] = cost.params
   summary["seconds"] = time.perf_counter() - started
   summary["model_dir"] = model_dir
+  summary["split"] = split
   return summary
 
 
@@ -142,7 +143,8 @@ def write_results(workdir: str, summary: dict) -> str:
 def format_report(summary: dict) -> str:
   """The per-exit table and the dynamic policy's operating points."""
   has_sdr = "sdri_db" in summary["per_exit"][0]
-  lines = [f"Test split: {summary['utterances']} utterances",
+  lines = [f"{summary.get('split', 'test').capitalize()} split: {summary['utterances']} "
+           "utterances",
            f"{'exit':>4} {'SI-SNRi (dB)':>13} {'SDRi (dB)':>10} {'params (M)':>11} {'GMAC/s':>8}"]
   for e in summary["per_exit"]:
     sdr = f"{e['sdri_db']:>10.2f}" if has_sdr else f"{'-':>10}"
@@ -172,7 +174,8 @@ def run(experiment: configs.ExperimentConfig, workdir: str) -> dict:
   model_dir = run_training(experiment, workdir)
   if experiment.finetune is not None:
     model_dir = run_finetuning(experiment, workdir, model_dir)
-  summary = run_evaluation(experiment, workdir, model_dir)
+  summary = run_evaluation(experiment, model_dir, experiment.data.test_split,
+                           experiment.max_test_batches)
   if jax.process_index() == 0:
     results_path = write_results(workdir, summary)
     plot_paths = plots.plot_run(workdir, summary)

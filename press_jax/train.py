@@ -47,6 +47,9 @@ class TrainConfig:
   eval_every: int = 5000  # 0: never during training.
   checkpoint_every: int = 1000
   keep_checkpoints: int = 3
+  # Block until each checkpoint has committed, so a crash loses at most `checkpoint_every` steps.
+  # False overlaps the write with training (a crash during a save then loses up to twice that).
+  wait_for_checkpoints: bool = True
   max_consecutive_nonfinite: int = 20  # Stop with an error after this many skipped in a row.
   time_limit_s: float | None = None  # Checkpoint and stop after this much wall time.
   init_from: str | None = None  # Work directory whose latest params start this run.
@@ -192,6 +195,8 @@ def train(
       return
     iterator_state = train_iterator.get_state() if hasattr(train_iterator, "get_state") else None
     checkpointing.save(manager, state, iterator_state, meta)
+    if config.wait_for_checkpoints:
+      manager.wait_until_finished()
     saved_step = step
     write_history()
 

@@ -163,6 +163,22 @@ def test_override_validates_the_result():
     configs.override(configs.get("tiny"), ["train.batch_size_per_device=0"])
 
 
+@pytest.mark.parametrize("order", [1, -1])
+def test_override_validates_once_after_all_assignments(order):
+  # steps=100 alone leaves total_steps (1400) beyond the run: only the pair is valid.
+  assignments = ["train.steps=100", "train.optimizer.total_steps=100"][::order]
+  changed = configs.override(configs.get("demo"), assignments)
+  assert (changed.train.steps, changed.train.optimizer.total_steps) == (100, 100)
+  with pytest.raises(ValueError, match=r"total_steps \(1400\) exceeds") as error:
+    configs.override(configs.get("demo"), ["train.steps=100"])
+  assert "--set train.steps=100" in str(error.value)
+
+
+def test_override_type_errors_name_the_assignment():
+  with pytest.raises(ValueError, match=r"--set train.steps=many"):
+    configs.override(configs.get("tiny"), ["train.steps=many"])
+
+
 def test_demo_long_is_the_demo_recipe_with_more_steps():
   demo, long = configs.get("demo"), configs.get("demo_long")
   assert changed_fields(demo, long) == {

@@ -8,7 +8,7 @@ from press_jax import compute, evaluation
 from press_jax.models import press_net
 
 
-def batches(count=2, devices=1, batch=2, samples=1600, seed=0):
+def batches(count=2, devices=1, batch=2, samples=3200, seed=0):
   rng = np.random.default_rng(seed)
   for _ in range(count):
     sources = rng.standard_normal((devices, batch, 2, samples)).astype(np.float32) * 0.1
@@ -70,7 +70,7 @@ def test_filler_slots_are_skipped():
 
 def test_calibration_counts_every_valid_block(summary):
   result, _ = summary
-  # 2 batches x (a full utterance: 2 blocks of T = 1000 in 1600 samples, + a padded one whose
+  # 2 batches x (a full utterance: 2 blocks of T = 2000 in 3200 samples, + a padded one whose
   # second block holds no valid sample) x 2 speakers.
   for entry in result["per_exit"]:
     calibration = entry["calibration"]

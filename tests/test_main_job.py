@@ -49,6 +49,31 @@ def test_main_job_reduced(tmp_path, capsys):
   # A second call finds every stage finished and only re-evaluates.
   again = main.run(experiment, workdir)
   assert again["per_exit"] == summary["per_exit"]
+  # experiments.evaluate scores the same work directory on any split.
+  from experiments import evaluate
+
+  data_sets = ["--set", "data.builder_config=clean_8k_n6-2-3", "--set",
+               f"data.data_dir={tmp_path / 'data'}", "--set", "data.eval_batch_size_per_device=1",
+               "--set", "with_sdr=false"]
+  model_dir = os.path.join(workdir, "finetune")
+  on_test = evaluate.main_cli(["--config", "tiny", "--model-dir", model_dir, "--split", "test"]
+                              + data_sets)
+  assert [e["si_snri_db"] for e in on_test["per_exit"]] == pytest.approx(
+      [e["si_snri_db"] for e in summary["per_exit"]], abs=1e-5)
+  on_validation = evaluate.main_cli(["--config", "tiny", "--model-dir", model_dir, "--split",
+                                     "validation"] + data_sets)
+  assert on_validation["utterances"] == 2 and on_validation["split"] == "validation"
+  with open(os.path.join(model_dir, "evaluation_validation.json")) as handle:
+    assert json.load(handle)["utterances"] == 2
+  assert "Validation split: 2 utterances" in capsys.readouterr().out
+
+
+def test_evaluate_names_a_work_directory_without_checkpoints(tmp_path, capsys):
+  from experiments import evaluate
+
+  with pytest.raises(SystemExit):
+    evaluate.main_cli(["--model-dir", str(tmp_path), "--split", "test"])
+  assert f"--model-dir {str(tmp_path)!r} holds no checkpoint" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -172,11 +172,11 @@ def test_cumulative_option_runs_in_the_model():
 
 def test_sixteen_kilohertz_preset_scales_the_framing():
   config = config_lib.preset("tiny", sample_rate=16000)
-  assert (config.encoder_stride, config.encoder_kernel, config.block_length) == (8, 32, 2000)
+  assert (config.encoder_stride, config.encoder_kernel, config.block_length) == (8, 32, 4000)
   model = press_net.PressNet(config)
   params = press_net.init_params(model, jax.random.key(0))
-  outputs = jax.jit(model.apply)({"params": params}, jnp.ones((1, 3000)) * 0.1)
-  assert outputs.mean.shape == (config.exits, 1, 2, 3000)
+  outputs = jax.jit(model.apply)({"params": params}, jnp.ones((1, 6000)) * 0.1)
+  assert outputs.mean.shape == (config.exits, 1, 2, 6000)
   assert outputs.log_var.shape[-1] == 2
 
 

@@ -5,7 +5,9 @@ One subprocess with 2 simulated CPU devices runs, in order (tests/train_worker.p
      iterator, a checkpoint every 3 (keep 2), a NaN in device 1's shard of batches 1 and 3;
   B  the same workdir with steps=12: resumes from A's last checkpoint;
   C  a fresh workdir whose batches 2 and 3 are NaN, with max_consecutive_nonfinite=2;
-  D  run A again in a fresh workdir with log_every=5: its rows must average A's per-step rows.
+  D  run A again in a fresh workdir with log_every=5 and asynchronous checkpoint writes
+     (wait_for_checkpoints=False): its rows must average A's per-step rows, its end state and
+     checkpoints match A's.
 The tests then look at what the runs left behind and returned.
 """
 
@@ -38,12 +40,14 @@ def runs(tmp_path_factory):
        "nan_device": 1, "config": LOOP},
       {"workdir": str(main), "out": str(directory / "B_"), "config": dict(LOOP, steps=12)},
       {"workdir": str(diverging), "nan_batches": [2, 3], "config": LOOP},
-      {"workdir": str(averaged), "nan_batches": [1, 3], "nan_device": 1,
-       "config": dict(LOOP, log_every=5)},
+      {"workdir": str(averaged), "out": str(directory / "D_"), "nan_batches": [1, 3],
+       "nan_device": 1, "config": dict(LOOP, log_every=5, wait_for_checkpoints=False)},
   ]}
   result = worker_util.run_worker("train", spec, str(directory), devices=2, name="loop")
   a, b, c, d = result["result"]
-  return {"main": main, "diverging": diverging, "A": a, "B": b, "C": c, "D": d,
+  return {"main": main, "diverging": diverging, "averaged": averaged,
+          "A": a, "B": b, "C": c, "D": d,
+          "D_state": worker_util.load_tree(str(directory / "D_process0.npz")),
           "A_state": worker_util.load_tree(str(directory / "A_process0.npz")),
           "B_state": worker_util.load_tree(str(directory / "B_process0.npz"))}
 
@@ -94,6 +98,18 @@ def test_log_rows_average_the_finite_steps_since_the_previous_row(runs):
       np.testing.assert_allclose(
           row[key], np.mean([per_step[s][key] for s in window], axis=0), rtol=1e-5, atol=1e-6)
     assert row["nonfinite_steps"] == per_step[row["step"]]["nonfinite_steps"]
+
+
+def test_asynchronous_checkpoint_writes_end_in_the_same_state(runs):
+  worker_util.assert_trees_equal(runs["D_state"], runs["A_state"], "async vs waiting saves")
+  steps = sorted(int(n) for n in os.listdir(checkpointing.checkpoint_directory(
+      str(runs["averaged"]))))
+  assert steps == [9, 10]  # Every 3 steps and the last, keep 2: all committed at exit.
+  _, params = checkpointing.load_params(str(runs["averaged"]))
+  saved = {".params" + k: v for k, v in worker_util.flatten_tree(params).items()}
+  worker_util.assert_trees_equal(
+      saved, {k: v for k, v in runs["D_state"].items() if k.startswith(".params")},
+      "async checkpoint vs final")
 
 
 def test_consecutive_nan_batches_raise(runs):

@@ -1,0 +1,49 @@
+"""Evaluate a trained work directory on any split: the main job's per-exit table and policies.
+
+Run (the validation/test comparison in the README, "What a larger budget does"):
+  python -m experiments.evaluate --config demo_long --model-dir runs/demo_long/train \\
+      --split validation
+Prints the report the main job prints for its test split and writes the full summary to --out
+(default <model-dir>/evaluation_<split>.json). The data settings (dataset, builder config,
+buckets, exit policies) come from --config and --set; the model from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from experiments import configs, main
+from press_jax import checkpointing
+
+
+def main_cli(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model-dir", required=True,
+                      help="a training stage's work directory (it holds checkpoints/)")
+  parser.add_argument("--split", required=True, help="e.g. train, validation, test")
+  parser.add_argument("--config", default="demo", help="experiment whose data settings to use")
+  parser.add_argument("--max-batches", type=int, default=None,
+                      help="evaluate at most this many batches (default: the whole split)")
+  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+  parser.add_argument("--out", help="summary JSON (default <model-dir>/evaluation_<split>.json)")
+  args = parser.parse_args(argv)
+  if not checkpointing.has_checkpoint(args.model_dir):
+    parser.error(f"--model-dir {args.model_dir!r} holds no checkpoint (expected "
+                 f"{checkpointing.checkpoint_directory(args.model_dir)}/<step>)")
+  if args.max_batches is not None and args.max_batches < 1:
+    parser.error(f"--max-batches must be >= 1, got {args.max_batches}")
+  experiment = configs.override(configs.get(args.config), args.set)
+  main.build_data(experiment.data)
+  summary = main.run_evaluation(experiment, args.model_dir, args.split, args.max_batches)
+  out = args.out or os.path.join(args.model_dir, f"evaluation_{args.split}.json")
+  with open(out, "w") as handle:
+    json.dump(summary, handle, indent=1)
+  print(main.format_report(summary))
+  print(f"\nsummary: {out}", flush=True)
+  return summary
+
+
+if __name__ == "__main__":
+  main_cli()
