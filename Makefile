@@ -5,6 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat setup.cfg pyproject.toml | cksum | cut -d' ' -f1)
 export JAX_PLATFORMS ?= cpu
+# Test processes (pytest-xdist, one file per process: compiling is single-threaded, so two
+# processes halve the suite's time on 2 cores). TEST_WORKERS=0 runs it in one process.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 .PHONY: setup demo test test-all bench clean
 
@@ -20,10 +24,10 @@ demo: $(STAMP)
 	$(BIN)/python -m experiments.main $(ARGS)
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q $(ARGS)
+	$(PYTEST) $(ARGS)
 
 test-all: $(STAMP)
-	$(BIN)/python -m pytest -q --run-slow $(ARGS)
+	$(PYTEST) --run-slow $(ARGS)
 
 bench: $(STAMP)
 	$(BIN)/python -m experiments.model_table --xla

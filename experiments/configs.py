@@ -184,6 +184,9 @@ ABLATIONS: dict[str, Callable[[ExperimentConfig], ExperimentConfig]] = {
     "block_1000": lambda base: _with_model(base, "block_1000", block_length=1000),
     "block_2000": lambda base: _with_model(base, "block_2000", block_length=2000),
     "block_4000": lambda base: _with_model(base, "block_4000", block_length=4000),
+    # Beyond the paper: every exit's estimates shifted to sum to the mixture.
+    "mixture_consistency": lambda base: _with_model(base, "mixture_consistency",
+                                                    mixture_consistency=True),
 }
 
 

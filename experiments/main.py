@@ -153,6 +153,11 @@ def format_report(summary: dict) -> str:
   lines.append("Calibration of the predicted error variance, KS distance of the PIT values to "
                "uniform (0 = calibrated), per exit: " + ", ".join(
                    f"{e['calibration']['pit_ks']:.3f}" for e in summary["per_exit"]))
+  silent = [e.get("silent_stream_fraction", 0.0) for e in summary["per_exit"]]
+  if any(silent):
+    lines.append("WARNING: silent output streams (estimate > 30 dB below its source), share per "
+                 "exit: " + ", ".join(f"{s:.0%}" for s in silent) + ". Training fell into the "
+                 "likelihood's silent-stream solution; see docs/model.md, mixture consistency.")
   lines.append(f"Dynamic exits (confidence p = {summary['dynamic'][0]['confidence']}):")
   lines.append(f"{'t (dB)':>7} {'SI-SNRi':>8} {'GMAC/s':>8} {'mean exit':>10} {'regret':>7} "
                f"{'oracle GMAC/s':>14} {'oracle regret':>14}")

@@ -46,6 +46,9 @@ class PressConfig:
   variance_floor: float = 1e-10  # normalised variance = variance_floor + softplus(.).
   cumulative_exits: bool = False  # alpha_e = sum_k<=e alpha~_k, 1/beta_e = sum_k<=e 1/beta~_k.
   normalize_input: bool = True  # Run on the mixture scaled to unit RMS, rescale the outputs.
+  # Beyond the paper: add (mixture - sum of the exit's estimates) / speakers to every estimate,
+  # so each exit's sources sum to the mixture (rules out a silent output stream).
+  mixture_consistency: bool = False
 
   dtype: str = "float32"  # Dense/attention compute dtype ("bfloat16" on accelerators).
 
@@ -172,7 +175,7 @@ PRESETS: dict[str, PressConfig] = {
     "tiny": PressConfig(
         width=32, encoder_blocks=1, decoder_blocks=2, exits=2, attention_every=2,
         attention_heads=2, rnn_expansion=1.0, ffn_expansion=2.0, attention_ffn_expansion=2.0,
-        encoder_channels=64),  # T = 2000: with T = 1000 it trains to -7..-10 dB (README).
+        encoder_channels=64),  # T = 2000: with T = 1000 one output stream dies (docs/model.md).
     "S": PressConfig(
         width=64, encoder_blocks=8, decoder_blocks=12, exits=4, attention_every=3,
         attention_heads=4, rnn_expansion=4.0, ffn_expansion=6.5, attention_ffn_expansion=6.5),

@@ -21,6 +21,9 @@ from press_jax import calibration, exit_rule, metrics
 from press_jax.models.press_net import PressNet
 
 
+SILENT_STREAM_DB = -30.0  # An estimate this far below its source counts as a silent stream.
+
+
 @dataclasses.dataclass(frozen=True)
 class PolicySettings:
   """Target levels (dB) to sweep and the confidence p of the dynamic rule."""
@@ -50,6 +53,7 @@ class Evaluator:
     config = model.config
     self._forward = jax.jit(lambda p, x, m: model.apply({"params": p}, x, m))
     self._per_exit = jax.jit(_per_exit_si_snr)
+    self._level = jax.jit(output_level_db)
     self._block_snr = jax.jit(lambda o, s, m: exit_rule.block_exit_snr(
         o, s, m, config.block_length))
     self._pit = jax.jit(lambda o, s, m: block_pit_values(o, s, m, config.block_length))
@@ -66,6 +70,7 @@ class Evaluator:
     outputs = self._forward(self.params, mixture, mask)
     si_snr, si_snri, permutation = self._per_exit(outputs.mean, sources, mixture, mask)
     si_snr, si_snri = np.asarray(si_snr), np.asarray(si_snri)  # (exits, batch)
+    level_db = np.asarray(self._level(outputs.mean, sources, mask, permutation))
     # Targets aligned with the last exit's estimates, for the block SNRs of the policies.
     aligned = jnp.take_along_axis(sources, permutation[-1][:, :, None], axis=1)
     block_snr = self._block_snr(outputs, aligned, mask)  # (exits, batch, speakers, blocks)
@@ -96,6 +101,7 @@ class Evaluator:
       })
     for index in range(len(flat["mixture"])):
       row = {"si_snr": si_snr[:, index], "si_snri": si_snri[:, index],
+             "level_db": level_db[:, index],
              "policies": [{key: (value[index] if isinstance(value, np.ndarray) else
                                  [v[index] for v in value] if isinstance(value, list) else value)
                            for key, value in policy.items()} for policy in policy_rows]}
@@ -129,6 +135,8 @@ class Evaluator:
                "gmac_per_s": float(self.gmac_per_exit[e])}
       if "sdri" in self.rows[0]:
         entry["sdri_db"] = float(np.mean([r["sdri"][e] for r in self.rows]))
+      levels = np.concatenate([r["level_db"][e] for r in self.rows])
+      entry["silent_stream_fraction"] = float(np.mean(levels < SILENT_STREAM_DB))
       pit = np.concatenate(self.pit_values[e])
       entry["calibration"] = {"blocks": int(pit.size), "pit_ks": calibration.ks_distance(pit),
                               "pit_histogram": calibration.pit_histogram(pit).tolist()}
@@ -164,6 +172,22 @@ def _per_exit_si_snr(means, sources, mixture, mask):
     return values.mean(-1), (values - reference).mean(-1), permutation
 
   return jax.vmap(one_exit)(means)
+
+
+def output_level_db(means, sources, mask, permutation):
+  """(exits, batch, speakers) energy of each estimate over its PIT-matched source's, in dB.
+
+  means (exits, batch, speakers, samples), sources (batch, speakers, samples), mask (batch,
+  samples), permutation (exits, batch, speakers): the source index of each estimate; -inf for an
+  all-zero estimate. A stream far below its source (SILENT_STREAM_DB) has stopped separating: the
+  block likelihood's degenerate solution (docs/model.md, mixture consistency).
+  """
+  mask = mask.astype(means.dtype)
+  aligned = jax.vmap(lambda p: jnp.take_along_axis(sources, p[:, :, None], axis=1))(permutation)
+  output_energy = jnp.sum((means * mask[None, :, None, :]) ** 2, axis=-1)
+  source_energy = jnp.sum((aligned * mask[None, :, None, :]) ** 2, axis=-1)
+  ratio = output_energy / jnp.maximum(source_energy, jnp.finfo(means.dtype).tiny)
+  return jnp.where(ratio > 0, 10.0 * jnp.log10(jnp.where(ratio > 0, ratio, 1.0)), -jnp.inf)
 
 
 def block_pit_values(outputs, aligned_sources, mask, block_length: int):

@@ -24,6 +24,7 @@ CLAIMS = {
     "block_1000": {"train.model_overrides.block_length"},
     "block_2000": {"train.model_overrides.block_length"},
     "block_4000": {"train.model_overrides.block_length"},
+    "mixture_consistency": {"train.model_overrides.mixture_consistency"},
 }
 
 

@@ -39,6 +39,33 @@ def test_per_exit_rows(summary):
   assert [e["gmac_per_s"] for e in result["per_exit"]] == pytest.approx(gmacs)
   for entry in result["per_exit"]:
     assert np.isfinite(entry["si_snri_db"]) and np.isfinite(entry["sdri_db"])
+    assert 0.0 <= entry["silent_stream_fraction"] <= 1.0
+
+
+def test_output_level_finds_a_silent_stream_at_its_permutation():
+  rng = np.random.default_rng(5)
+  sources = rng.standard_normal((2, 2, 400)).astype(np.float32)
+  mask = np.ones((2, 400), np.float32)
+  mask[1, 300:] = 0.0
+  # Exit 1: utterance 0 estimates swapped (estimate 0 is source 1) at 0.1x amplitude; utterance
+  # 1's estimate 1 silent on its valid samples (garbage on padding must not count).
+  means = np.stack([np.stack([0.1 * sources[0, ::-1], sources[1] * np.array([[1.0], [0.0]])]),
+                    np.stack([sources[0], sources[1]])])
+  means[0, 1, 1, 300:] = 50.0
+  permutation = np.array([[[1, 0], [0, 1]], [[0, 1], [0, 1]]], np.int32)
+  level = np.asarray(evaluation.output_level_db(means, sources, mask, permutation))
+  valid = sources * mask[:, None, :]
+  reference = np.empty((2, 2, 2))
+  for e in range(2):
+    for b in range(2):
+      for j in range(2):
+        estimate = means[e, b, j] * mask[b]
+        energy = np.sum(estimate.astype(np.float64) ** 2)
+        reference[e, b, j] = -np.inf if energy == 0 else 10 * np.log10(
+            energy / np.sum(valid[b, permutation[e, b, j]].astype(np.float64) ** 2))
+  np.testing.assert_allclose(level, reference, atol=1e-3)
+  np.testing.assert_allclose(level[0, 0], [-20.0, -20.0], atol=1e-3)
+  assert level[0, 1, 1] < evaluation.SILENT_STREAM_DB < level[0, 1, 0]
 
 
 def test_lowest_target_exits_first_and_matches_exit_one(summary):

@@ -32,6 +32,7 @@ def check_outputs(workdir, summary, test_utterances):
   assert results[0]["params"] < results[1]["params"]
   assert results[0]["gmac_per_s"] < results[1]["gmac_per_s"]
   assert summary["utterances"] == test_utterances
+  assert all(0.0 <= e["silent_stream_fraction"] <= 1.0 for e in summary["per_exit"])
   for name in ("evaluation.json", "plots/learning_curve.png", "plots/quality_vs_compute.png",
                "plots/calibration.png",
                "train/train_history.json", "finetune/train_history.json"):
@@ -66,6 +67,21 @@ def test_main_job_reduced(tmp_path, capsys):
   with open(os.path.join(model_dir, "evaluation_validation.json")) as handle:
     assert json.load(handle)["utterances"] == 2
   assert "Validation split: 2 utterances" in capsys.readouterr().out
+
+
+def test_report_warns_of_silent_streams():
+  def summary(silent):
+    per_exit = [{"exit": e, "si_snri_db": 1.0, "params": 1000 * e, "gmac_per_s": 0.1 * e,
+                 "silent_stream_fraction": fraction, "calibration": {"pit_ks": 0.1}}
+                for e, fraction in ((1, silent), (2, 0.0))]
+    dynamic = [{"target_db": 10.0, "confidence": 0.9, "si_snri_db": 1.0, "gmac_per_s": 0.1,
+                "mean_exit": 1.0, "regret_db": 0.0, "oracle_gmac_per_s": 0.1,
+                "oracle_regret_db": 0.0}]
+    return {"utterances": 4, "per_exit": per_exit, "dynamic": dynamic}
+
+  assert "silent output streams" not in main.format_report(summary(0.0))
+  report = main.format_report(summary(0.25))
+  assert "WARNING: silent output streams" in report and "25%, 0%" in report
 
 
 def test_evaluate_names_a_work_directory_without_checkpoints(tmp_path, capsys):

@@ -170,6 +170,25 @@ def test_cumulative_option_runs_in_the_model():
   assert np.all(np.diff(np.asarray(outputs.log_alpha), axis=0) > 0)
 
 
+def test_mixture_consistency_makes_every_exit_sum_to_the_mixture():
+  """Same parameters with and without the option: the shift is the residual's equal share."""
+  plain_model, params = tiny_model_and_params()
+  params = randomise(params, jax.random.key(3))
+  model = press_net.create("tiny", mixture_consistency=True)
+  mixture = np.asarray(jax.random.normal(jax.random.key(4), (2, 2600)))
+  mask = np.ones_like(mixture)
+  mask[1, 1900:] = 0.0  # Second utterance padded.
+  plain = np.asarray(plain_model.apply({"params": params}, mixture, mask).mean, np.float64)
+  consistent = np.asarray(model.apply({"params": params}, mixture, mask).mean, np.float64)
+  valid = mixture * mask
+  # Reference in numpy: x_j + (mixture - sum_k x_k) / S on valid samples, zero on padding.
+  expected = plain + (valid[None] - plain.sum(axis=2))[:, :, None, :] / 2.0
+  np.testing.assert_allclose(consistent, expected * mask[None, :, None, :], atol=2e-5)
+  np.testing.assert_allclose(consistent.sum(axis=2), np.broadcast_to(valid, (2,) + valid.shape),
+                             atol=2e-5)
+  assert np.abs(plain.sum(axis=2) - valid).max() > 0.1  # Without it they do not sum up.
+
+
 def test_sixteen_kilohertz_preset_scales_the_framing():
   config = config_lib.preset("tiny", sample_rate=16000)
   assert (config.encoder_stride, config.encoder_kernel, config.block_length) == (8, 32, 4000)

@@ -5,9 +5,10 @@ it with one device, so every multi-device case runs in a fresh interpreter with
 XLA_FLAGS=--xla_force_host_platform_device_count=N.
 
 Compilation dominates these tests (20-40 s per train-step program on two busy CPU cores), so:
-- all workers of one pytest process share a persistent XLA compilation cache (a temporary
-  directory, removed at exit; set PRESS_JAX_TEST_XLA_CACHE to keep one): the tests reuse a few
-  step programs (same shapes and optimiser) across many short runs;
+- all workers of one pytest session (and the pytest processes themselves, see conftest.py)
+  share a persistent XLA compilation cache (a temporary directory, removed at exit; set
+  PRESS_JAX_TEST_XLA_CACHE to keep one): the tests reuse a few step programs (same shapes and
+  optimiser) across many short runs;
 - workers compile with --xla_backend_optimization_level=0 (about 2.5x faster to compile, 1.5x
   slower to run these tiny steps). Every comparison is between programs built the same way.
   Set PRESS_JAX_TEST_XLA_OPTIMIZE=1 to test with XLA's default optimisation instead.
@@ -35,6 +36,8 @@ def _cache_dir() -> str:
     return os.environ["PRESS_JAX_TEST_XLA_CACHE"]
   directory = tempfile.mkdtemp(prefix="press_jax_xla_cache_")
   atexit.register(shutil.rmtree, directory, ignore_errors=True)
+  # Processes started from here on (pytest-xdist workers, training workers) share it.
+  os.environ["PRESS_JAX_TEST_XLA_CACHE"] = directory
   return directory
 
 

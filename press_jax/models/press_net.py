@@ -263,6 +263,8 @@ class PressNet(nn.Module):
     mean, log_var, log_alpha = map(exits_first, (mean, log_var, log_alpha))
     if config.cumulative_exits:
       log_var, log_alpha = cumulative_exit_parameters(log_var, log_alpha)
+    if config.mixture_consistency:
+      mean = mixture_consistent(mean, normalised)
     mean = mean * scale[None, :, None, None] * mask[None, :, None, :]
     log_var = log_var + 2.0 * jnp.log(scale)[None, :, None, None]
     return ExitOutputs(mean=mean, log_var=log_var, log_alpha=log_alpha)
@@ -282,6 +284,15 @@ class PressNet(nn.Module):
         frame_mask, frame_block)
     frame_weight = frame_mask / jnp.maximum(jnp.take_along_axis(counts, frame_block, 1), 1.0)
     return frame_mask, frame_block, frame_weight
+
+
+def mixture_consistent(
+    mean: Float[Array, "exits batch speakers samples"],
+    mixture: Float[Array, "batch samples"],
+) -> Float[Array, "exits batch speakers samples"]:
+  """Estimates shifted by an equal share of the residual, so they sum to the mixture."""
+  residual = mixture[None, :, :] - jnp.sum(mean, axis=2)
+  return mean + residual[:, :, None, :] / mean.shape[2]
 
 
 def cumulative_exit_parameters(log_var, log_alpha):
