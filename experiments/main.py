@@ -153,6 +153,12 @@ def format_report(summary: dict) -> str:
   lines.append("Calibration of the predicted error variance, KS distance of the PIT values to "
                "uniform (0 = calibrated), per exit: " + ", ".join(
                    f"{e['calibration']['pit_ks']:.3f}" for e in summary["per_exit"]))
+  training = summary.get("training")
+  if training and training["steps"] < training["planned_steps"]:
+    lines.append(f"WARNING: training stopped at its time limit ({training['time_limit_s']:.0f} s) "
+                 f"after {training['steps']} of {training['planned_steps']} steps: this machine "
+                 "is slower than the config was sized for, and the numbers above are those of a "
+                 "shorter run than the config's docstring promises.")
   silent = [e.get("silent_stream_fraction", 0.0) for e in summary["per_exit"]]
   if any(silent):
     lines.append("WARNING: silent output streams (estimate > 30 dB below its source), share per "
@@ -177,10 +183,13 @@ def run(experiment: configs.ExperimentConfig, workdir: str) -> dict:
   started = time.perf_counter()
   build_data(experiment.data)
   model_dir = run_training(experiment, workdir)
+  trained_steps = checkpointing.make_manager(model_dir).latest_step() or 0
   if experiment.finetune is not None:
     model_dir = run_finetuning(experiment, workdir, model_dir)
   summary = run_evaluation(experiment, model_dir, experiment.data.test_split,
                            experiment.max_test_batches)
+  summary["training"] = {"steps": trained_steps, "planned_steps": experiment.train.steps,
+                         "time_limit_s": experiment.train.time_limit_s}
   if jax.process_index() == 0:
     results_path = write_results(workdir, summary)
     plot_paths = plots.plot_run(workdir, summary)

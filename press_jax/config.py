@@ -49,8 +49,17 @@ class PressConfig:
   # Beyond the paper: add (mixture - sum of the exit's estimates) / speakers to every estimate,
   # so each exit's sources sum to the mixture (rules out a silent output stream).
   mixture_consistency: bool = False
+  # Per-frame RMSNorm on the main path: after the encoder and the speaker split (SPEC §6) and at
+  # each waveform head's input. False (beyond the paper) drops these three, so the residual
+  # stream keeps every frame's level instead of normalising it away (the blocks' pre-norms stay).
+  frame_norm: bool = True
 
   dtype: str = "float32"  # Dense/attention compute dtype ("bfloat16" on accelerators).
+  # Kernel of the linear recurrence (press_jax/models/recurrence.py): 'associative', 'chunked',
+  # 'sequential', or 'auto' (the one measured fastest on the platform the model runs on).
+  # Same values either way; only speed differs.
+  recurrence: str = "auto"
+  recurrence_chunk: int = 16  # C, frames per chunk of the 'chunked' kernel.
 
   def __post_init__(self):
     self.validate()
@@ -134,6 +143,11 @@ class PressConfig:
       need(self.width % self.attention_heads == 0,
            f"width ({self.width}) must be divisible by attention_heads ({self.attention_heads})")
     need(self.alpha_floor > 0, f"alpha_floor must be positive, got {self.alpha_floor}")
+    need(self.recurrence in ("auto", "associative", "chunked", "sequential"),
+         f"recurrence must be 'auto', 'associative', 'chunked' or 'sequential', got "
+         f"{self.recurrence!r}")
+    need(self.recurrence_chunk >= 1,
+         f"recurrence_chunk must be >= 1, got {self.recurrence_chunk}")
     need(self.dtype in ("float32", "bfloat16", "float16"),
          f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
 

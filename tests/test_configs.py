@@ -7,7 +7,7 @@ import pytest
 from experiments import configs
 from press_jax import compute
 
-# tiny and demo have 2 decoder blocks: 4, 6 or 12 exits cannot divide them (PressConfig refuses).
+# tiny has 2 decoder blocks, demo 3: 4, 6 or 12 exits cannot divide them (PressConfig refuses).
 _INVALID = {(base, ablation) for base in ("tiny", "demo", "demo_long")
             for ablation in ("exits_4", "exits_6", "exits_12")}
 
@@ -25,6 +25,8 @@ CLAIMS = {
     "block_2000": {"train.model_overrides.block_length"},
     "block_4000": {"train.model_overrides.block_length"},
     "mixture_consistency": {"train.model_overrides.mixture_consistency"},
+    "frame_norm_off": {"train.model_overrides.frame_norm"},
+    "frame_norm_on": {"train.model_overrides.frame_norm"},
 }
 
 
@@ -69,7 +71,7 @@ def test_ablations_build(name):
 
 @pytest.mark.parametrize("base, ablation", sorted(_INVALID))
 def test_exit_ablations_need_enough_decoder_blocks(base, ablation):
-  """tiny/demo have 2 decoder blocks: 4, 6 or 12 exits is refused with a clear error."""
+  """tiny/demo have 2/3 decoder blocks: 4, 6 or 12 exits is refused with a clear error."""
   with pytest.raises(ValueError, match="decoder_blocks"):
     build(configs.get(f"{base}/{ablation}"))
 
@@ -166,11 +168,11 @@ def test_override_validates_the_result():
 
 @pytest.mark.parametrize("order", [1, -1])
 def test_override_validates_once_after_all_assignments(order):
-  # steps=100 alone leaves total_steps (1400) beyond the run: only the pair is valid.
+  # steps=100 alone leaves total_steps (the demo's steps) beyond the run: only the pair is valid.
   assignments = ["train.steps=100", "train.optimizer.total_steps=100"][::order]
   changed = configs.override(configs.get("demo"), assignments)
   assert (changed.train.steps, changed.train.optimizer.total_steps) == (100, 100)
-  with pytest.raises(ValueError, match=r"total_steps \(1400\) exceeds") as error:
+  with pytest.raises(ValueError, match=rf"total_steps \({configs.DEMO_STEPS}\) exceeds") as error:
     configs.override(configs.get("demo"), ["train.steps=100"])
   assert "--set train.steps=100" in str(error.value)
 

@@ -1,5 +1,7 @@
 """Tests for press_jax.likelihoods against scipy references."""
 
+import decimal
+import fractions
 import functools
 import math
 
@@ -60,6 +62,148 @@ def test_student_t_matches_gaussian_inverse_gamma_integral(alpha, beta, energy, 
   reference = -(math.log(value) + peak)
   nll = likelihoods.student_t_nll(energy, float(block), math.log(beta / alpha), math.log(alpha))
   np.testing.assert_allclose(float(nll), reference, rtol=1e-5, atol=1e-4)
+
+
+@functools.lru_cache(None)
+def _stirling_coefficients(terms):
+  """B_2k / (2k (2k - 1)), k = 1..terms, as Decimal (Bernoulli numbers by Akiyama-Tanigawa)."""
+  a, bernoulli = [], []
+  for i in range(2 * terms + 1):
+    a.append(fractions.Fraction(1, i + 1))
+    for j in range(i, 0, -1):
+      a[j - 1] = j * (a[j - 1] - a[j])
+    bernoulli.append(a[0])
+  with decimal.localcontext() as context:
+    context.prec = 60
+    return [decimal.Decimal(b.numerator) / b.denominator / (2 * k * (2 * k - 1))
+            for k, b in ((k, bernoulli[2 * k]) for k in range(1, terms + 1))]
+
+
+def _decimal_log_gamma(z):
+  """lnΓ(z) - ln(2π)/2 for Decimal z > 0: recurrence up to z >= 40, then 15 Stirling terms."""
+  product = decimal.Decimal(1)
+  while z < 40:
+    product *= z
+    z += 1
+  total = (z - decimal.Decimal("0.5")) * z.ln() - z - product.ln()
+  power = 1 / z
+  for coefficient in _stirling_coefficients(15):
+    total += coefficient * power
+    power /= z * z
+  return total
+
+
+def _precise_student_t_nll(energy, count, log_var, log_alpha):
+  """(-ln L, d/dlog_alpha, d/dlog_var) in 50-digit Decimal arithmetic at the exact float inputs.
+
+  Independent of gammaln/digamma and of the float formulas: lnΓ by recurrence + Stirling to ~1e-40,
+  gradients by central differences with step 1e-20. Agrees with scipy float64 where that is
+  accurate (test below); float64 itself loses ~1e-3 of the log_alpha gradient at α = 1e6.
+  """
+  with decimal.localcontext() as context:
+    context.prec = 50
+    e, h = decimal.Decimal(float(energy)), decimal.Decimal(float(count)) / 2
+
+    def log_likelihood(lv, la):  # + h ln 2π
+      alpha, log_beta = la.exp(), la + lv
+      value = _decimal_log_gamma(alpha + h) - _decimal_log_gamma(alpha) - h * log_beta
+      return value - (alpha + h) * (1 + e / (2 * log_beta.exp())).ln()
+
+    lv, la = decimal.Decimal(float(log_var)), decimal.Decimal(float(log_alpha))
+    step = decimal.Decimal("1e-20")
+    d_alpha = (log_likelihood(lv, la + step) - log_likelihood(lv, la - step)) / (2 * step)
+    d_var = (log_likelihood(lv + step, la) - log_likelihood(lv - step, la)) / (2 * step)
+    nll = float(h) * math.log(2 * math.pi) - float(log_likelihood(lv, la))
+    return nll, -float(d_alpha), -float(d_var)
+
+
+def _student_t_grid():
+  """float32 (energy, count, log_var, log_alpha) over α in logspace(-2, 6), T in {1, 50, 2000}."""
+  rows = [(0.09, 1.0, math.log(0.09), math.log(1e4))]  # the issue's case
+  for count in (1.0, 50.0, 2000.0):
+    for var, ratio in [(1.0, 0.0), (0.09, 0.05), (0.09, 1.0), (3.0, 1.0), (3.0, 20.0)]:
+      for alpha in np.logspace(-2, 6, 17):  # ratio = sigma_hat^2 / var, 0: silence
+        rows.append((ratio * count * var, count, math.log(var), math.log(alpha)))
+  return tuple(np.asarray(column, np.float32) for column in zip(*rows))
+
+
+@jax.jit
+def _student_t_value_and_grads(energy, count, log_var, log_alpha):
+  grad = jax.grad(lambda lv, la: jnp.sum(likelihoods.student_t_nll(energy, count, lv, la)),
+                  argnums=(0, 1))
+  return (likelihoods.student_t_nll(energy, count, log_var, log_alpha),
+          *grad(log_var, log_alpha))
+
+
+def test_precise_reference_matches_scipy_float64():
+  energy, count, log_var, log_alpha = (a.astype(np.float64) for a in _student_t_grid())
+  keep = log_alpha <= math.log(100.0)  # where the float64 digamma difference is accurate
+  alpha, half = np.exp(log_alpha[keep]), count[keep] / 2
+  ratio = energy[keep] / (2 * alpha * np.exp(log_var[keep]))
+  nll = -(scipy.special.gammaln(alpha + half) - scipy.special.gammaln(alpha)
+          - half * (math.log(2 * math.pi) + log_alpha[keep] + log_var[keep])
+          - (alpha + half) * np.log1p(ratio))
+  d_alpha = -(alpha * (scipy.special.digamma(alpha + half) - scipy.special.digamma(alpha)) - half
+              - alpha * np.log1p(ratio) + (alpha + half) * ratio / (1 + ratio))
+  d_var = (half - energy[keep] / (2 * np.exp(log_var[keep]))) / (1 + ratio)
+  reference = np.array([_precise_student_t_nll(*row) for row in zip(
+      energy[keep], count[keep], log_var[keep], log_alpha[keep])])
+  np.testing.assert_allclose(reference[:, 0], nll, rtol=1e-12)
+  np.testing.assert_allclose(reference[:, 1], d_alpha, rtol=1e-10)
+  np.testing.assert_allclose(reference[:, 2], d_var, rtol=1e-10, atol=1e-10)
+
+
+def test_student_t_float32_value_and_gradients_match_precise_reference():
+  """float32 loss and jax.grad w.r.t. log_alpha and log_var against the 50-digit reference.
+
+  Measured worst cases on this grid: loss 2e-7 (|nll| + h + 1) (9e-6 relative where nll ~ 0),
+  log_alpha gradient 2.4e-4 relative (T = 2000, σ̂² = σ², where O(h^2/α) terms cancel to
+  O(h/α)), log_var gradient 4e-7 (h + c) absolute with c = E/(2σ²) (the gradient is
+  (h - c)/(1 + r), 0 at σ̂² = σ²). The direct gammaln form was up to 4e6 relative off in the
+  log_alpha gradient (α = 1e6, T = 1) and -9.5e-3 instead of -2.5e-5 in the issue's case.
+  """
+  energy, count, log_var, log_alpha = _student_t_grid()
+  nll, d_var, d_alpha = (np.asarray(a, np.float64) for a in _student_t_value_and_grads(
+      energy, count, log_var, log_alpha))
+  reference = np.array([_precise_student_t_nll(*row) for row in zip(
+      energy, count, log_var, log_alpha)])
+  half = count.astype(np.float64) / 2
+  scale = half + energy / (2 * np.exp(log_var.astype(np.float64)))  # h + c
+  np.testing.assert_array_less(np.abs(nll - reference[:, 0]),
+                               2e-6 * (np.abs(reference[:, 0]) + half + 1))
+  np.testing.assert_array_less(np.abs(d_alpha - reference[:, 1]), 1e-3 * np.abs(reference[:, 1]))
+  np.testing.assert_array_less(np.abs(d_var - reference[:, 2]),
+                               1e-3 * np.abs(reference[:, 2]) + 2e-6 * scale)
+  # The issue's case: α = 1e4, T = 1, E = 0.09, σ² = 0.09 (float32 gammaln form: -9.5e-3).
+  np.testing.assert_allclose(d_alpha[0], -2.5e-5, rtol=1e-4)
+  np.testing.assert_allclose(d_alpha[0], reference[0, 1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("half_count", [0.0, 0.5, 1.0, 25.0, 1000.0])
+def test_log_gamma_ratio_minus_log_matches_precise_reference(half_count):
+  # Across the switch to Stirling's series (α = 4 in float32) and up to α = 1e7.
+  log_alpha = np.log(np.concatenate([np.logspace(-2, 7, 19), [3.999, 4.0, 4.001]])).astype(
+      np.float32)
+  value = np.asarray(likelihoods.log_gamma_ratio_minus_log(log_alpha, half_count), np.float64)
+  grad = np.asarray(jax.grad(lambda la: jnp.sum(
+      likelihoods.log_gamma_ratio_minus_log(la, half_count)))(log_alpha), np.float64)
+  with decimal.localcontext() as context:
+    context.prec = 50
+    h, step = decimal.Decimal(half_count), decimal.Decimal("1e-20")
+    f = lambda la: _decimal_log_gamma(la.exp() + h) - _decimal_log_gamma(la.exp()) - h * la
+    la = [decimal.Decimal(float(x)) for x in log_alpha]
+    ref_value = np.array([float(f(x)) for x in la])
+    ref_grad = np.array([float((f(x + step) - f(x - step)) / (2 * step)) for x in la])
+  # Relative 1e-6; below α = 4 (gammaln difference) plus ~8 eps times the size of its terms.
+  alpha, h = np.exp(log_alpha.astype(np.float64)), half_count
+  direct = alpha < 4.0
+  value_floor = np.where(direct, 1e-6 * (1 + np.abs(scipy.special.gammaln(alpha + h))
+                                         + np.abs(scipy.special.gammaln(alpha))
+                                         + h * np.abs(np.log(alpha))), 1e-7)
+  grad_floor = np.where(direct, 1e-6 * (1 + alpha * np.abs(scipy.special.digamma(alpha + h))
+                                        + alpha * np.abs(scipy.special.digamma(alpha)) + h), 1e-7)
+  np.testing.assert_array_less(np.abs(value - ref_value), 1e-6 * np.abs(ref_value) + value_floor)
+  np.testing.assert_array_less(np.abs(grad - ref_grad), 1e-6 * np.abs(ref_grad) + grad_floor)
 
 
 def test_gaussian_nll_matches_scipy_norm():

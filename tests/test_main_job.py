@@ -82,6 +82,12 @@ def test_report_warns_of_silent_streams():
   assert "silent output streams" not in main.format_report(summary(0.0))
   report = main.format_report(summary(0.25))
   assert "WARNING: silent output streams" in report and "25%, 0%" in report
+  finished = dict(summary(0.0), training={"steps": 1100, "planned_steps": 1100,
+                                          "time_limit_s": 840.0})
+  assert "time limit" not in main.format_report(finished)
+  cut = dict(finished, training=dict(finished["training"], steps=950))
+  assert "WARNING: training stopped at its time limit (840 s) after 950 of 1100 steps" in (
+      main.format_report(cut))
 
 
 def test_evaluate_names_a_work_directory_without_checkpoints(tmp_path, capsys):

@@ -9,7 +9,7 @@ import pytest
 
 from press_jax import config as config_lib
 from press_jax import validation
-from press_jax.models import layers, press_net
+from press_jax.models import layers, recurrence, press_net
 from press_jax.types import ExitOutputs
 
 
@@ -49,28 +49,12 @@ def test_outputs_are_stacked_exits():
   np.testing.assert_allclose(outputs.beta, outputs.alpha * np.exp(outputs.log_var), rtol=1e-5)
 
 
-def test_linear_recurrence_matches_a_python_loop():
-  key_a, key_b = jax.random.split(jax.random.key(2))
-  decay = jax.random.uniform(key_a, (2, 37, 5))
-  drive = jax.random.normal(key_b, (2, 37, 5))
-  forward = np.zeros((2, 37, 5))
-  backward = np.zeros((2, 37, 5))
-  state = np.zeros((2, 5))
-  for t in range(37):
-    state = decay[:, t] * state + drive[:, t]
-    forward[:, t] = state
-  state = np.zeros((2, 5))
-  for t in reversed(range(37)):
-    state = decay[:, t] * state + drive[:, t]
-    backward[:, t] = state
-  np.testing.assert_allclose(layers.linear_recurrence(decay, drive), forward, rtol=1e-5,
-                             atol=1e-5)
-  np.testing.assert_allclose(layers.linear_recurrence(decay, drive, reverse=True), backward,
-                             rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("implementation", layers.RECURRENCE_IMPLEMENTATIONS)
+def test_recurrence_gradient_matches_autodiff_of_the_scan(implementation):
+  """Each kernel's hand-written adjoint equals JAX's own derivative of the associative scan.
 
-
-def test_recurrence_gradient_matches_autodiff_of_the_scan():
-  """The hand-written adjoint equals JAX's own derivative of the associative scan."""
+  (Forward values and gradients against a numpy loop: tests/test_recurrence.py.)
+  """
   key_a, key_b, key_c = jax.random.split(jax.random.key(12), 3)
   decay = jax.random.uniform(key_a, (3, 29, 4))
   drive = jax.random.normal(key_b, (3, 29, 4))
@@ -81,11 +65,12 @@ def test_recurrence_gradient_matches_autodiff_of_the_scan():
     return jnp.sum(weights[0] * forward) + jnp.sum(weights[1] * jnp.sin(backward))
 
   def reference(decay, drive):
-    return (layers._associative_recurrence(decay, drive),
-            layers._associative_recurrence(decay, drive, reverse=True))
+    return (recurrence._associative(decay, drive, False),
+            recurrence._associative(decay, drive, True))
 
-  ours = jax.grad(functools.partial(objective, layers.bidirectional_recurrence), (0, 1))(
-      decay, drive)
+  ours = jax.grad(functools.partial(objective, functools.partial(
+      layers.bidirectional_recurrence, implementation=implementation, chunk=8)), (0, 1))(
+          decay, drive)
   expected = jax.grad(functools.partial(objective, reference), (0, 1))(decay, drive)
   for a, b in zip(ours, expected):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
@@ -130,6 +115,40 @@ def test_padding_never_changes_the_valid_outputs():
                              atol=1e-4)
 
 
+def _segment_sum_pooling(hidden, frame_block, frame_weight, blocks):
+  """The variance head's pooling as first written (a per-utterance segment_sum)."""
+  weighted = hidden * frame_weight[:, None, :, None]
+  return jax.vmap(lambda f, ids: jax.ops.segment_sum(
+      f.transpose(1, 0, 2), ids, num_segments=blocks).transpose(1, 0, 2))(weighted, frame_block)
+
+
+def test_block_pooling_matches_the_segment_sum_it_replaced():
+  rng = np.random.default_rng(3)
+  hidden = jnp.asarray(rng.normal(size=(2, 2, 23, 5)), jnp.float32)
+  frame_block = jnp.asarray(np.sort(rng.integers(0, 4, (2, 23)), axis=1))
+  frame_weight = jnp.asarray(rng.uniform(size=(2, 23)), jnp.float32)
+  np.testing.assert_allclose(press_net.pool_blocks(hidden, frame_block, frame_weight, 4),
+                             _segment_sum_pooling(hidden, frame_block, frame_weight, 4),
+                             rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("implementation", ["associative", "chunked", "sequential"])
+def test_outputs_equal_the_associative_reference_for_every_kernel(implementation):
+  """Swapping the recurrence kernel leaves the model's outputs as the associative scan's."""
+  model, params = tiny_model_and_params()
+  params = randomise(params, jax.random.key(14))
+  signal = jax.random.normal(jax.random.key(15), (2, 2600))
+  mask = (jnp.arange(2600)[None] < jnp.array([[2600], [1900]])).astype(jnp.float32)
+  swapped = press_net.PressNet(model.config.replace(recurrence=implementation))
+  ours = swapped.apply({"params": params}, signal, mask)
+
+  reference = press_net.PressNet(model.config.replace(recurrence="associative")).apply(
+      {"params": params}, signal, mask)
+  for name in ("mean", "log_var", "log_alpha"):
+    np.testing.assert_allclose(getattr(ours, name), getattr(reference, name), rtol=2e-5,
+                               atol=2e-5 * float(np.abs(getattr(reference, name)).max()))
+
+
 def test_scaling_the_mixture_scales_means_and_variances():
   _, params = tiny_model_and_params()
   params = randomise(params, jax.random.key(6))
@@ -168,6 +187,33 @@ def test_cumulative_option_runs_in_the_model():
   params = press_net.init_params(model, jax.random.key(0))
   outputs = jax.jit(model.apply)({"params": params}, jnp.ones((1, 1200)) * 0.1)
   assert np.all(np.diff(np.asarray(outputs.log_alpha), axis=0) > 0)
+
+
+def test_without_frame_norm_the_main_path_keeps_each_frames_level():
+  """frame_norm=False drops the three main-path RMSNorms (and their parameters); a frame of the
+  encoder's output then scales with the mixture's local level, which RMSNorm removes."""
+  model = press_net.create("tiny", frame_norm=False)
+  params = press_net.init_params(model, jax.random.key(0))
+  assert "norm" not in params["encoder"] and "norm" not in params["speaker_split"]
+  assert "norm" in press_net.init_params(press_net.create("tiny"), jax.random.key(0))["encoder"]
+  signal = np.array(jax.random.normal(jax.random.key(16), (1, 4000)))
+  signal[:, 2000:] *= 0.01  # The second half 40 dB quieter.
+  for frame_norm, expect_ratio in ((False, 1e-2), (True, 1.0)):
+    encoder = press_net.Encoder(64, 16, 4, 32, frame_norm=frame_norm)
+    encoder_params = encoder.init(jax.random.key(1), signal)
+    latent = np.asarray(encoder.apply(encoder_params, signal))
+    loud = np.sqrt(np.mean(latent[0, 50:450] ** 2))
+    quiet = np.sqrt(np.mean(latent[0, 550:950] ** 2))
+    assert 0.3 * expect_ratio < quiet / loud < 3.0 * expect_ratio
+  # The padding guarantee holds without the norms too.
+  apply = jax.jit(lambda p, x, m: model.apply({"params": p}, x, m))
+  params = randomise(params, jax.random.key(17))
+  alone = apply(params, signal[:, :3000], np.ones((1, 3000), np.float32))
+  padded = np.pad(signal, ((0, 0), (0, 600)), constant_values=5.0)
+  mask = (np.arange(4600) < 3000).astype(np.float32)[None]
+  together = apply(params, padded, mask)
+  np.testing.assert_allclose(together.mean[..., :3000], alone.mean, rtol=2e-4,
+                             atol=2e-5 * float(np.abs(alone.mean).max()))
 
 
 def test_mixture_consistency_makes_every_exit_sum_to_the_mixture():

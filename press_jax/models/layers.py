@@ -13,64 +13,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
-
-def _associative_recurrence(decay, drive, reverse=False):
-  """h_t = decay_t * h_{t-1} + drive_t over axis -2 by jax.lax.associative_scan."""
-
-  def combine(earlier, later):
-    decay_earlier, drive_earlier = earlier
-    decay_later, drive_later = later
-    return decay_earlier * decay_later, decay_later * drive_earlier + drive_later
-
-  _, state = jax.lax.associative_scan(
-      combine, (decay, drive), axis=decay.ndim - 2, reverse=reverse)
-  return state
-
-
-@jax.custom_vjp
-def _forward_recurrence(decay, drive):
-  return _associative_recurrence(decay, drive)
-
-
-def _forward_recurrence_fwd(decay, drive):
-  state = _associative_recurrence(decay, drive)
-  return state, (decay, state)
-
-
-def _forward_recurrence_bwd(residuals, state_cotangent):
-  """The adjoint of a linear recurrence is the same recurrence run backwards in time."""
-  decay, state = residuals
-  zeros = jnp.zeros_like(decay[..., :1, :])
-  next_decay = jnp.concatenate([decay[..., 1:, :], zeros], axis=-2)
-  adjoint = _associative_recurrence(next_decay, state_cotangent, reverse=True)
-  previous_state = jnp.concatenate([zeros, state[..., :-1, :]], axis=-2)
-  return adjoint * previous_state, adjoint
-
-
-_forward_recurrence.defvjp(_forward_recurrence_fwd, _forward_recurrence_bwd)
-
-
-def linear_recurrence(
-    decay: Float[Array, "... time channels"],
-    drive: Float[Array, "... time channels"],
-    reverse: bool = False,
-) -> Float[Array, "... time channels"]:
-  """h_t = decay_t * h_{t-1} + drive_t from h = 0 (reverse: from the end), in parallel.
-
-  The gradient is written out (one reverse associative scan) rather than differentiated
-  through the scan's levels: same values, a third of the compile time.
-  """
-  if reverse:
-    flip = lambda x: jnp.flip(x, axis=-2)  # noqa: E731
-    return flip(_forward_recurrence(flip(decay), flip(drive)))
-  return _forward_recurrence(decay, drive)
-
-
-def bidirectional_recurrence(decay, drive):
-  """(forward, backward) recurrences of the same inputs, computed in one stacked scan."""
-  flip = lambda x: jnp.flip(x, axis=-2)  # noqa: E731
-  both = _forward_recurrence(jnp.stack([decay, flip(decay)]), jnp.stack([drive, flip(drive)]))
-  return both[0], flip(both[1])
+# The recurrence kernels live in their own module; re-exported here for the blocks' users.
+from press_jax.models.recurrence import (  # noqa: F401
+    RECURRENCE_IMPLEMENTATIONS, bidirectional_recurrence, linear_recurrence)
 
 
 class LayerScale(nn.Module):
@@ -108,6 +53,8 @@ class LinearRNNMixer(nn.Module):
 
   hidden: int
   dtype: Any = jnp.float32
+  recurrence: str = "associative"  # A name of recurrence.RECURRENCE_IMPLEMENTATIONS or 'auto'.
+  recurrence_chunk: int = 16
 
   @nn.compact
   def __call__(
@@ -122,7 +69,8 @@ class LinearRNNMixer(nn.Module):
     keep = frame_mask[..., None].astype(jnp.float32)
     decay = (1.0 - update) * keep
     drive = update * candidate * keep
-    forward, backward = bidirectional_recurrence(decay, drive)
+    forward, backward = bidirectional_recurrence(
+        decay, drive, implementation=self.recurrence, chunk=self.recurrence_chunk)
     skip = self.param("skip", nn.initializers.ones, (self.hidden,))
     mixed = (forward + backward + skip * candidate) * nn.gelu(gate)
     return nn.Dense(width, dtype=self.dtype, name="out_projection")(mixed.astype(self.dtype))
@@ -155,6 +103,8 @@ class RecurrentBlock(nn.Module):
   ffn_hidden: int
   layer_scale_init: float = 1e-5
   dtype: Any = jnp.float32
+  recurrence: str = "associative"
+  recurrence_chunk: int = 16
 
   @nn.compact
   def __call__(
@@ -166,7 +116,8 @@ class RecurrentBlock(nn.Module):
     flat = x.reshape(-1, *x.shape[-2:])
     flat_mask = jnp.broadcast_to(frame_mask, lead + frame_mask.shape[-1:]).reshape(
         -1, frame_mask.shape[-1])
-    mixed = LinearRNNMixer(self.rnn_hidden, self.dtype, name="mixer")(
+    mixed = LinearRNNMixer(self.rnn_hidden, self.dtype, self.recurrence, self.recurrence_chunk,
+                           name="mixer")(
         nn.RMSNorm(name="mixer_norm")(flat), flat_mask)
     flat = flat + LayerScale(self.layer_scale_init, name="mixer_scale")(mixed.astype(flat.dtype))
     fed = GatedFeedForward(self.ffn_hidden, self.dtype, name="feed_forward")(

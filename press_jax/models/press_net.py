@@ -82,12 +82,14 @@ class Encoder(nn.Module):
   stride: int
   width: int
   dtype: Any = jnp.float32
+  frame_norm: bool = True  # False: no RMSNorm, each frame keeps its level (PressConfig).
 
   @nn.compact
   def __call__(self, mixture: Float[Array, "batch samples"]) -> Float[Array, "batch frames width"]:
     frames = frame_signal(mixture, self.kernel, self.stride)
-    hidden = nn.Dense(self.channels, use_bias=False, dtype=self.dtype, name="conv")(frames)
-    hidden = nn.RMSNorm(name="norm")(nn.gelu(hidden))
+    hidden = nn.gelu(nn.Dense(self.channels, use_bias=False, dtype=self.dtype, name="conv")(frames))
+    if self.frame_norm:
+      hidden = nn.RMSNorm(name="norm")(hidden)
     return nn.Dense(self.width, dtype=self.dtype, name="projection")(hidden)
 
 
@@ -96,6 +98,7 @@ class SpeakerSplit(nn.Module):
 
   speakers: int
   dtype: Any = jnp.float32
+  frame_norm: bool = True
 
   @nn.compact
   def __call__(self, x: Float[Array, "batch frames width"]):
@@ -105,7 +108,8 @@ class SpeakerSplit(nn.Module):
     streams = nn.Dense(self.speakers * width, dtype=self.dtype, name="mix")(
         value * jax.nn.sigmoid(gate))
     streams = streams.reshape(batch, frames, self.speakers, width).transpose(0, 2, 1, 3)
-    return nn.RMSNorm(name="norm")(streams)  # (batch, speakers, frames, width)
+    # (batch, speakers, frames, width)
+    return nn.RMSNorm(name="norm")(streams) if self.frame_norm else streams
 
 
 class WaveformHead(nn.Module):
@@ -114,11 +118,12 @@ class WaveformHead(nn.Module):
   kernel: int
   stride: int
   dtype: Any = jnp.float32
+  frame_norm: bool = True
 
   @nn.compact
   def __call__(self, streams: Float[Array, "batch speakers frames width"], samples: int):
     width = streams.shape[-1]
-    hidden = nn.RMSNorm(name="norm")(streams)
+    hidden = nn.RMSNorm(name="norm")(streams) if self.frame_norm else streams
     value, gate = jnp.split(nn.Dense(2 * width, dtype=self.dtype, name="glu")(hidden), 2, -1)
     frames = nn.Dense(self.kernel, dtype=self.dtype, name="transposed_conv")(
         value * jax.nn.sigmoid(gate))
@@ -141,19 +146,26 @@ class VarianceHead(nn.Module):
       blocks: int,
   ):
     hidden = nn.RMSNorm(name="norm")(streams).astype(jnp.float32)
-    weighted = hidden * frame_weight[:, None, :, None]
-
-    def pool_one(features, block_ids):  # (speakers, frames, width), (frames,)
-      return jax.ops.segment_sum(
-          features.transpose(1, 0, 2), block_ids, num_segments=blocks,
-          indices_are_sorted=True).transpose(1, 0, 2)
-
-    pooled = jax.vmap(pool_one)(weighted, frame_block)  # (batch, speakers, blocks, width)
+    pooled = pool_blocks(hidden, frame_block, frame_weight, blocks)
     hidden = nn.gelu(nn.Dense(self.hidden, name="hidden")(pooled))
     raw = nn.Dense(2, name="output")(hidden)
     variance = self.variance_floor + jax.nn.softplus(raw[..., 0])
     alpha = self.alpha_floor + jax.nn.softplus(raw[..., 1])
     return jnp.log(variance), jnp.log(alpha)
+
+
+def pool_blocks(
+    features: Float[Array, "batch speakers frames width"],
+    frame_block: Int[Array, "batch frames"],
+    frame_weight: Float[Array, "batch frames"],
+    blocks: int,
+) -> Float[Array, "batch speakers blocks width"]:
+  """Weighted sum of each block's frames, as one contraction with a (frames, blocks) matrix.
+
+  A matmul rather than a scatter (segment_sum), whose backward is a slow gather on CPU.
+  """
+  pooling = frame_weight[..., None] * jax.nn.one_hot(frame_block, blocks, dtype=features.dtype)
+  return jnp.einsum("bsfd,bfk->bskd", features, pooling)
 
 
 class StageGroup(nn.Module):
@@ -175,6 +187,7 @@ class StageGroup(nn.Module):
         if kind == "rnn":
           streams = RecurrentBlock(
               config.rnn_hidden, config.ffn_hidden, config.layer_scale_init, dtype,
+              config.recurrence, config.recurrence_chunk,
               name=f"stage{stage}_rnn{rnn_count}")(streams, frame_mask[:, None, :])
           rnn_count += 1
         else:
@@ -183,7 +196,7 @@ class StageGroup(nn.Module):
               dtype, name=f"stage{stage}_attention{attention_count}")(streams)
           attention_count += 1
       mean = WaveformHead(config.encoder_kernel, config.encoder_stride, dtype,
-                          name=f"stage{stage}_waveform_head")(streams, self.samples)
+                          config.frame_norm, name=f"stage{stage}_waveform_head")(streams, self.samples)
       log_var, log_alpha = VarianceHead(
           config.variance_width, config.alpha_floor, config.variance_floor,
           name=f"stage{stage}_variance_head")(streams, frame_block, frame_weight, self.blocks)
@@ -201,7 +214,8 @@ class EncoderBlock(nn.Module):
   def __call__(self, x, frame_mask):
     config = self.config
     x = RecurrentBlock(config.rnn_hidden, config.ffn_hidden, config.layer_scale_init,
-                       jnp.dtype(config.dtype), name="block")(x, frame_mask)
+                       jnp.dtype(config.dtype), config.recurrence, config.recurrence_chunk,
+                       name="block")(x, frame_mask)
     return x, None
 
 
@@ -237,7 +251,7 @@ class PressNet(nn.Module):
 
     dtype = jnp.dtype(config.dtype)
     latent = Encoder(config.encoder_channels, config.encoder_kernel, config.encoder_stride,
-                     config.width, dtype, name="encoder")(normalised)
+                     config.width, dtype, config.frame_norm, name="encoder")(normalised)
     frame_mask, frame_block, frame_weight = self.frame_context(lengths, samples)
 
     if config.encoder_blocks:
@@ -247,7 +261,8 @@ class PressNet(nn.Module):
           in_axes=nn.broadcast, length=config.encoder_blocks, unroll=self.scan_unroll)
       latent, _ = encoder_stack(config, name="encoder_blocks")(latent, frame_mask)
 
-    streams = SpeakerSplit(config.speakers, dtype, name="speaker_split")(latent)
+    streams = SpeakerSplit(config.speakers, dtype, config.frame_norm,
+                           name="speaker_split")(latent)
 
     blocks = num_blocks(samples, config.block_length)
     group = nn.remat(StageGroup) if self.remat else StageGroup

@@ -1,0 +1,262 @@
+"""The linear recurrence h_t = a_t * h_{t-1} + b_t, one name, three kernels (docs/model.md).
+
+`linear_recurrence(decay, drive, implementation=...)` and `bidirectional_recurrence` compute the
+same values with one of:
+
+- ``"associative"``: `jax.lax.associative_scan` over time (log-depth, O(T log T) work);
+- ``"chunked"``: chunks of C frames solved in parallel from cumulative log-decays (a masked
+  (C, C) decay matrix per chunk and channel, as in Mamba-2's SSD "segsum"), then a short scan of
+  the chunk states across chunks and a per-frame fix-up;
+- ``"sequential"``: a `jax.lax.fori_loop` over time (T steps of O(channels) work, updating the
+  output in place, unrolled by `unroll`); bidirectional calls run both directions in one loop;
+- ``"auto"``: the one measured fastest on the platform (`AUTO_BY_PLATFORM`).
+
+Each has the same written-out gradient (`jax.custom_vjp`): the adjoint of a linear recurrence
+is the same recurrence run backwards in time with the decays shifted by one frame,
+lambda_t = g_t + a_{t+1} lambda_{t+1}; then dL/db_t = lambda_t and dL/da_t = lambda_t h_{t-1}.
+So the backward pass costs one more recurrence of the same kind, never autodiff through the
+scan's internals.
+
+Shapes: (..., time, channels); time is axis -2.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float
+
+RECURRENCE_IMPLEMENTATIONS = ("associative", "chunked", "sequential")
+# Measured with `python -m experiments.bench_step --recurrence` (README, "Speed"). On CPU the
+# sequential scan wins at every shape measured (demo and S). Accelerators were not measured by
+# this project yet: the chunked form is the one built for them (large parallel operations).
+AUTO_BY_PLATFORM = {"cpu": "sequential", "gpu": "chunked", "cuda": "chunked",
+                    "rocm": "chunked", "tpu": "chunked"}
+DEFAULT_CHUNK = 16
+DEFAULT_UNROLL = 2  # Frames per loop iteration of the sequential kernel (1, 2, 4, 8 measured alike on CPU).
+_LOG_DECAY_FLOOR = -69.0  # log(1e-30): a zero decay (a reset) leaks at most 1e-30 of the state.
+
+
+def resolve_implementation(implementation: str, platform: str | None = None) -> str:
+  """The concrete kernel name for `implementation` ('auto' resolved for `platform`)."""
+  if implementation == "auto":
+    platform = platform or jax.default_backend()
+    return AUTO_BY_PLATFORM.get(platform, "associative")
+  if implementation not in RECURRENCE_IMPLEMENTATIONS:
+    raise ValueError(f"recurrence implementation must be 'auto' or one of "
+                     f"{RECURRENCE_IMPLEMENTATIONS}, got {implementation!r}")
+  return implementation
+
+
+# --- the three forward kernels: (decay, drive, reverse) -> state, time on axis -2 ------------
+def _associative(decay, drive, reverse):
+  def combine(earlier, later):
+    decay_earlier, drive_earlier = earlier
+    decay_later, drive_later = later
+    return decay_earlier * decay_later, decay_later * drive_earlier + drive_later
+
+  _, state = jax.lax.associative_scan(combine, (decay, drive), axis=decay.ndim - 2,
+                                      reverse=reverse)
+  return state
+
+
+def _time_slice(x, t):
+  return jax.lax.dynamic_index_in_dim(x, t, axis=x.ndim - 2, keepdims=False)
+
+
+def _time_update(x, value, t):
+  return jax.lax.dynamic_update_index_in_dim(x, value, t, axis=x.ndim - 2)
+
+
+def _sequential(decay, drive, reverse, unroll=DEFAULT_UNROLL):
+  """One frame per loop step, in place in the (..., time, channels) layout (no transposes)."""
+  time = decay.shape[-2]
+
+  def body(i, carry):
+    state, states = carry
+    t = time - 1 - i if reverse else i
+    state = _time_slice(decay, t) * state + _time_slice(drive, t)
+    return state, _time_update(states, state, t)
+
+  initial = (jnp.zeros_like(_time_slice(drive, 0)), jnp.zeros_like(drive))
+  return jax.lax.fori_loop(0, time, body, initial, unroll=unroll)[1]
+
+
+def _bidirectional_sequential_loops(decay, drive, unroll):
+  """Both directions in one loop: frame i forwards and frame T-1-i backwards per step."""
+  time = decay.shape[-2]
+
+  def body(i, carry):
+    forward, backward, forwards, backwards = carry
+    j = time - 1 - i
+    forward = _time_slice(decay, i) * forward + _time_slice(drive, i)
+    backward = _time_slice(decay, j) * backward + _time_slice(drive, j)
+    return forward, backward, _time_update(forwards, forward, i), _time_update(backwards,
+                                                                               backward, j)
+
+  zero = jnp.zeros_like(_time_slice(drive, 0))
+  initial = (zero, zero, jnp.zeros_like(drive), jnp.zeros_like(drive))
+  _, _, forwards, backwards = jax.lax.fori_loop(0, time, body, initial, unroll=unroll)
+  return forwards, backwards
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _bidirectional_sequential(decay, drive, unroll):
+  return _bidirectional_sequential_loops(decay, drive, unroll)
+
+
+def _bidirectional_sequential_fwd(decay, drive, unroll):
+  forwards, backwards = _bidirectional_sequential_loops(decay, drive, unroll)
+  return (forwards, backwards), (decay, forwards, backwards)
+
+
+def _bidirectional_sequential_bwd(unroll, residuals, cotangents):
+  """The two adjoints, lambda_t = g_t + a_{t+1} lambda_{t+1} (forward direction) and
+  lambda_t = g_t + a_{t-1} lambda_{t-1} (backward direction), again in one loop."""
+  decay, forwards, backwards = residuals
+  forward_cotangent, backward_cotangent = cotangents
+  time = decay.shape[-2]
+
+  def body(i, carry):
+    forward_carry, backward_carry, forward_adjoints, backward_adjoints = carry
+    t = time - 1 - i
+    forward_adjoint = _time_slice(forward_cotangent, t) + forward_carry
+    backward_adjoint = _time_slice(backward_cotangent, i) + backward_carry
+    return (_time_slice(decay, t) * forward_adjoint, _time_slice(decay, i) * backward_adjoint,
+            _time_update(forward_adjoints, forward_adjoint, t),
+            _time_update(backward_adjoints, backward_adjoint, i))
+
+  zero = jnp.zeros_like(_time_slice(decay, 0))
+  initial = (zero, zero, jnp.zeros_like(decay), jnp.zeros_like(decay))
+  _, _, forward_adjoints, backward_adjoints = jax.lax.fori_loop(0, time, body, initial,
+                                                                unroll=unroll)
+  grad_decay = (forward_adjoints * _shift_later(forwards)
+                + backward_adjoints * _shift_earlier(backwards))
+  return grad_decay, forward_adjoints + backward_adjoints
+
+
+_bidirectional_sequential.defvjp(_bidirectional_sequential_fwd, _bidirectional_sequential_bwd)
+
+
+def _segment_log_decay(log_decay):
+  """(..., C, H) log-decays -> (..., C_t, C_s, H): sum_{s<r<=t} log a_r for s <= t, else -inf.
+
+  Built by a cumulative sum over t of a strictly-lower-triangular mask of the terms, so each
+  entry adds only its own terms (no difference of two long cumulative sums, no cancellation).
+  """
+  chunk = log_decay.shape[-2]
+  terms = jnp.broadcast_to(log_decay[..., :, None, :], log_decay.shape[:-2] + (chunk, chunk)
+                           + log_decay.shape[-1:])
+  strictly_lower = jnp.tril(jnp.ones((chunk, chunk), bool), -1)[:, :, None]
+  sums = jnp.cumsum(jnp.where(strictly_lower, terms, 0.0), axis=-3)
+  lower = jnp.tril(jnp.ones((chunk, chunk), bool))[:, :, None]
+  return jnp.where(lower, sums, -jnp.inf)
+
+
+def _chunked(decay, drive, reverse, chunk=DEFAULT_CHUNK):
+  if reverse:
+    flip = functools.partial(jnp.flip, axis=-2)
+    return flip(_chunked(flip(decay), flip(drive), False, chunk))
+  *lead, time, channels = decay.shape
+  chunk = max(1, min(chunk, time))
+  count = -(-time // chunk)
+  pad = count * chunk - time
+  if pad:  # Trailing frames of a forward recurrence never reach earlier ones.
+    widths = [(0, 0)] * len(lead) + [(0, pad), (0, 0)]
+    decay = jnp.pad(decay, widths, constant_values=1.0)
+    drive = jnp.pad(drive, widths)
+  shape = (*lead, count, chunk, channels)
+  log_decay = jnp.maximum(jnp.log(decay.reshape(shape)), _LOG_DECAY_FLOOR)
+  drive = drive.reshape(shape)
+  # Within each chunk, from a zero state: local_t = sum_{s<=t} exp(segsum[t, s]) b_s.
+  weights = jnp.exp(_segment_log_decay(log_decay))  # (..., count, C_t, C_s, H)
+  local = jnp.einsum("...tsh,...sh->...th", weights, drive)
+  # Decay from the chunk's start to each frame (inclusive) and over the whole chunk.
+  from_start = jnp.exp(jnp.cumsum(log_decay, axis=-2))  # (..., count, C, H)
+  # Across chunks: end_k = total_k * end_{k-1} + local_end_k, a scan of `count` steps.
+  ends = _associative(from_start[..., -1, :], local[..., -1, :], False)  # (..., count, H)
+  starts = jnp.concatenate([jnp.zeros_like(ends[..., :1, :]), ends[..., :-1, :]], axis=-2)
+  state = local + from_start * starts[..., None, :]
+  return state.reshape(*lead, count * chunk, channels)[..., :time, :]
+
+
+# --- the shared written-out gradient --------------------------------------------------------
+def _shift_earlier(x):
+  """x_{t+1} at t (zero at the end), along axis -2."""
+  return jnp.concatenate([x[..., 1:, :], jnp.zeros_like(x[..., :1, :])], axis=-2)
+
+
+def _shift_later(x):
+  """x_{t-1} at t (zero at the start), along axis -2."""
+  return jnp.concatenate([jnp.zeros_like(x[..., :1, :]), x[..., :-1, :]], axis=-2)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _recurrence(decay, drive, kernel, reverse):
+  return kernel(decay, drive, reverse)
+
+
+def _recurrence_fwd(decay, drive, kernel, reverse):
+  state = kernel(decay, drive, reverse)
+  return state, (decay, state)
+
+
+def _recurrence_bwd(kernel, reverse, residuals, state_cotangent):
+  decay, state = residuals
+  if reverse:  # h_t = a_t h_{t+1} + b_t: the adjoint runs forward with a_{t-1}.
+    adjoint = kernel(_shift_later(decay), state_cotangent, False)
+    return adjoint * _shift_earlier(state), adjoint
+  adjoint = kernel(_shift_earlier(decay), state_cotangent, True)
+  return adjoint * _shift_later(state), adjoint
+
+
+_recurrence.defvjp(_recurrence_fwd, _recurrence_bwd)
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(implementation: str, chunk: int, unroll: int):
+  if implementation == "associative":
+    return _associative
+  if implementation == "chunked":
+    return functools.partial(_chunked, chunk=chunk)
+  return functools.partial(_sequential, unroll=unroll)
+
+
+def linear_recurrence(
+    decay: Float[Array, "... time channels"],
+    drive: Float[Array, "... time channels"],
+    reverse: bool = False,
+    implementation: str = "associative",
+    chunk: int = DEFAULT_CHUNK,
+    unroll: int = DEFAULT_UNROLL,
+) -> Float[Array, "... time channels"]:
+  """h_t = decay_t * h_{t-1} + drive_t from h = 0 (reverse: from the end, with h_{t+1}).
+
+  `implementation` names the kernel (module docstring); `chunk` is C of the chunked form and
+  `unroll` the unroll factor of the sequential one. Values agree across kernels to float
+  rounding; the gradient is the written-out adjoint in every case.
+  """
+  name = resolve_implementation(implementation)
+  return _recurrence(decay, drive, _kernel(name, int(chunk), int(unroll)), bool(reverse))
+
+
+def bidirectional_recurrence(
+    decay: Float[Array, "... time channels"],
+    drive: Float[Array, "... time channels"],
+    implementation: str = "associative",
+    chunk: int = DEFAULT_CHUNK,
+    unroll: int = DEFAULT_UNROLL,
+) -> tuple[Float[Array, "... time channels"], Float[Array, "... time channels"]]:
+  """(forward, backward) recurrences of the same inputs.
+
+  The sequential kernel runs both directions in one loop (and both adjoints in one loop);
+  the parallel kernels run one recurrence over the two directions stacked, the second flipped.
+  """
+  if resolve_implementation(implementation) == "sequential":
+    return _bidirectional_sequential(decay, drive, int(unroll))
+  flip = functools.partial(jnp.flip, axis=-2)
+  both = linear_recurrence(jnp.stack([decay, flip(decay)]), jnp.stack([drive, flip(drive)]),
+                           implementation=implementation, chunk=chunk, unroll=unroll)
+  return both[0], flip(both[1])
