@@ -428,8 +428,7 @@ def measure_parts(setup: Setup, recurrence: str, repeats: int, seed: int) -> dic
               stride=config.encoder_stride, dtype=dtype),
       (normal(*stream_shape),), static=(samples,)))
   lengths = jnp.full((batch,), float(samples))
-  _, frame_block, frame_weight = setup.model.apply(
-      {}, lengths, samples, method=press_net.PressNet.frame_context)
+  _, frame_block, frame_weight = press_net.frame_context(config, lengths, samples)
   add("variance_heads", label, counts["exits"], timed(
       _module(press_net.VarianceHead, config, hidden=config.variance_width,
               alpha_floor=config.alpha_floor, variance_floor=config.variance_floor),
@@ -491,7 +490,8 @@ def parts_sum_ms(parts: dict[str, dict]) -> float:
              if name not in NESTED_PARTS)
 
 
-def bench_step(name: str, sets: list[str], repeats: int, seed: int = 0) -> dict[str, Any]:
+def bench_step(name: str, sets: list[str], repeats: int, seed: int = 0,
+               parts: bool = True) -> dict[str, Any]:
   setup = make_setup(name, sets)
   config = setup.model_config
   recurrence, setting = model_recurrence(config)
@@ -503,7 +503,7 @@ def bench_step(name: str, sets: list[str], repeats: int, seed: int = 0) -> dict[
   step_s, compiled, state = measure_step(setup, batch, repeats, seed)
   flops, flops_method = step_flops(setup, compiled, state, jax.device_put(batch), recurrence)
   del state
-  parts = measure_parts(setup, recurrence, repeats, seed)
+  parts = measure_parts(setup, recurrence, repeats, seed) if parts else {}
   reference = matmul_gflops()
   achieved = flops / 1e9 / step_s
   summed = parts_sum_ms(parts)
@@ -616,6 +616,8 @@ def main(argv=None) -> int:
                       help="timed warm calls per measurement (medians)")
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--json", action="store_true", help="print one JSON object")
+  parser.add_argument("--no-parts", action="store_true",
+                      help="skip the per-part breakdown (step time, FLOPs and ratio only)")
   parser.add_argument("--recurrence", action="store_true",
                       help="time the recurrence's implementations instead of the step")
   parser.add_argument("--shape", type=parse_shape, metavar="B,T,H",
@@ -641,7 +643,7 @@ def main(argv=None) -> int:
       print(format_recurrence(results, shape, reference))
     return 0
 
-  result = bench_step(args.config, args.set, args.repeats, args.seed)
+  result = bench_step(args.config, args.set, args.repeats, args.seed, parts=not args.no_parts)
   print(json.dumps(result) if args.json else format_step(result))
   return 0
 

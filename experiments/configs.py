@@ -68,24 +68,24 @@ def _paper_optimizer(steps: int) -> optim.OptimizerConfig:
 # The demo's network: the tiny preset reshaped for a 2-core CPU by measurement (README, "How
 # the demo recipe was chosen"; every probe's command and result is in its table).
 DEMO_MODEL = {
-    "encoder_stride": 8,  # 1000 frames/s: half the frames of the paper's stride 4.
-    "encoder_kernel": 64,  # 8 ms analysis frames (the paper: 2 ms); worth +2 dB at equal time.
+    "encoder_stride": 40,  # 5 ms hop, 200 frames/s: a tenth of the paper's stride 4.
+    "encoder_kernel": 160,  # 20 ms analysis frames (the paper: 2 ms); +2.5 dB at equal time.
     "encoder_channels": 256,  # The paper's encoder width.
     "decoder_blocks": 3, "exits": 3, "attention_every": 3,  # One RNN block per exit.
     "frame_norm": False,  # Keep each frame's level on the main path (docs/model.md).
     "mixture_consistency": True,  # Estimates sum to the mixture (no silent streams).
     "variance_floor": 1e-4,  # Predicted error variance floored at -40 dB re the mixture.
 }
-DEMO_STEPS = 1000
+DEMO_STEPS = 3300
 
 
 def demo() -> ExperimentConfig:
   """The README's main job: a small PRESS-Net on the embedded corpus, on a 2-core CPU.
 
   Command: make demo   (= python -m experiments.main --config demo --workdir runs/demo)
-  Expected on 2 cores: corpus build ~1.5 min (once, cached afterwards), training 1000 steps in
-  ~7 min (2.5-2.9 steps/s; sized so that a machine half as fast still finishes them inside the
-  15-minute time limit), fine-tuning and test evaluation ~1.5 min; 11 min in all from a fresh
+  Expected on 2 cores: corpus build ~1.5 min (once, cached afterwards), training 3300 steps in
+  ~6 min (~9.5 steps/s; sized so that a machine half as fast still finishes them inside the
+  15-minute time limit), fine-tuning and test evaluation ~2 min; ~11 min in all from a fresh
   clone. Results: README, "What it gives today" (test SI-SNRi per exit with this config).
   """
   steps = DEMO_STEPS
@@ -93,8 +93,8 @@ def demo() -> ExperimentConfig:
       name="demo",
       train=TrainConfig(
           model="tiny", model_overrides=dict(DEMO_MODEL),
-          steps=steps, batch_size_per_device=4, log_every=50, eval_every=500,
-          checkpoint_every=250, keep_checkpoints=2, time_limit_s=15 * 60,
+          steps=steps, batch_size_per_device=4, log_every=100, eval_every=1100,
+          checkpoint_every=550, keep_checkpoints=2, time_limit_s=15 * 60,
           optimizer=optim.OptimizerConfig(peak_learning_rate=6e-3, warmup_steps=50,
                                           total_steps=steps)),
       # One length bucket: on a CPU each new shape costs a ~20 s compile, more than the padding.
@@ -107,16 +107,16 @@ def demo_long() -> ExperimentConfig:
   """The demo recipe for about 40 minutes of this 2-core CPU: what a larger budget does.
 
   Command: python -m experiments.main --config demo_long --workdir runs/demo_long
-  Expected: ~35 min of training (6000 steps at ~2.9 steps/s), then fine-tuning and test
+  Expected: ~35 min of training (20000 steps at ~9.5 steps/s), then fine-tuning and test
   evaluation. Not yet measured with the current demo recipe (the README's learning curve is
-  the previous recipe's: 5.3 dB validation SI-SNRi at step 6000).
+  an older recipe's: 5.3 dB validation SI-SNRi at step 6000).
   """
   base = demo()
-  steps = 6000
+  steps = 20000
   return dataclasses.replace(
       base, name="demo_long",
       train=dataclasses.replace(
-          base.train, steps=steps, eval_every=1000, checkpoint_every=500,
+          base.train, steps=steps, eval_every=4000, checkpoint_every=2000,
           time_limit_s=62 * 60,
           optimizer=dataclasses.replace(base.train.optimizer, total_steps=steps)))
 

@@ -15,13 +15,14 @@ import json
 import os
 
 from experiments import configs, main
-from press_jax import checkpointing
+from press_jax import model_dir
 
 
 def main_cli(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model-dir", required=True,
-                      help="a training stage's work directory (it holds checkpoints/)")
+                      help="a model directory: a training stage's work directory (checkpoints/), a saved "
+           "model, or a main-job work directory; a stored post-calibration is applied")
   parser.add_argument("--split", required=True, help="e.g. train, validation, test")
   parser.add_argument("--config", default="demo", help="experiment whose data settings to use")
   parser.add_argument("--max-batches", type=int, default=None,
@@ -29,9 +30,10 @@ def main_cli(argv=None):
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
   parser.add_argument("--out", help="summary JSON (default <model-dir>/evaluation_<split>.json)")
   args = parser.parse_args(argv)
-  if not checkpointing.has_checkpoint(args.model_dir):
-    parser.error(f"--model-dir {args.model_dir!r} holds no checkpoint (expected "
-                 f"{checkpointing.checkpoint_directory(args.model_dir)}/<step>)")
+  try:
+    model_dir.resolve(args.model_dir)
+  except model_dir.ModelDirError as error:
+    parser.error(f"--model-dir {error}")
   if args.max_batches is not None and args.max_batches < 1:
     parser.error(f"--max-batches must be >= 1, got {args.max_batches}")
   experiment = configs.override(configs.get(args.config), args.set)

@@ -6,6 +6,8 @@ Run:
 Every stage resumes: a finished stage is skipped, an interrupted one continues from its last
 checkpoint. Outputs in the work directory:
   train/, finetune/      checkpoints, TensorBoard events, train_history.json
+  model/                 the final parameters (config.json + params.msgpack), for
+                         `press-separate --model <workdir>` and press_jax.model_dir.load
   results.json           [{"exit", "si_snri_db", "params", "gmac_per_s"}, ...] on the test split
   evaluation.json        everything measured (per-exit SI-SNR/SDRi, exit policies, regret)
   plots/                 learning curve, SI-SNRi vs GMAC/s, regret vs GMAC/s
@@ -26,7 +28,9 @@ import jax
 import data_pipelines
 from experiments import configs, plots
 from press_jax import checkpointing, compute, distributed, evaluation, optim
+from press_jax import model_dir as model_dir_lib
 from press_jax import train as train_lib
+from press_jax.models import press_net
 
 log = logging.getLogger("experiments.main")
 
@@ -113,18 +117,27 @@ def run_finetuning(experiment: configs.ExperimentConfig, workdir: str, init_from
 def run_evaluation(experiment: configs.ExperimentConfig, model_dir: str, split: str,
                    max_batches: int | None) -> dict:
   """Stage 3: every exit and the exit policies on `split` (at most `max_batches` batches)."""
-  model, params = checkpointing.load_model(model_dir)
+  loaded = model_dir_lib.load(model_dir)
+  model, params = loaded.model, loaded.params
   costs = compute.exit_costs(model.config)
   started = time.perf_counter()
   summary = evaluation.evaluate(
       model, params, eval_iterator_factory(experiment.data, split, max_batches)(),
-      [c.gmac_per_s for c in costs], experiment.policy, with_sdr=experiment.with_sdr)
+      [c.gmac_per_s for c in costs], experiment.policy, with_sdr=experiment.with_sdr,
+      post_calibration=loaded.calibration)
+  summary["post_calibration"] = loaded.calibration is not None
   for entry, cost in zip(summary["per_exit"], costs):
     entry["params"] = cost.params
   summary["seconds"] = time.perf_counter() - started
   summary["model_dir"] = model_dir
   summary["split"] = split
   return summary
+
+
+def save_final_model(stage_dir: str, directory: str) -> None:
+  """The last stage's parameters as a saved model (press_net.save), what press-separate reads."""
+  model, params = checkpointing.load_model(stage_dir)
+  press_net.save(directory, model, params)
 
 
 def write_results(workdir: str, summary: dict) -> str:
@@ -171,6 +184,21 @@ def format_report(summary: dict) -> str:
     lines.append(f"{d['target_db']:>7.1f} {d['si_snri_db']:>8.2f} {d['gmac_per_s']:>8.3f} "
                  f"{d['mean_exit']:>10.2f} {d['regret_db']:>7.2f} {d['oracle_gmac_per_s']:>14.3f}"
                  f" {d['oracle_regret_db']:>14.2f}")
+  if summary.get("policies"):
+    lines.append("Every policy (regret at the middle target; above static: SI-SNRi minus the "
+                 "static-exit curve at equal GMAC/s):")
+    targets = list(summary["policies"][0]["regret_db"])
+    middle = targets[len(targets) // 2]
+    lines.append(f"{'policy':<28} {'SI-SNRi':>8} {'GMAC/s':>8} {'mean exit':>10} "
+                 f"{'regret@' + middle:>11} {'above static':>13}")
+    for row in summary["policies"]:
+      name = row["policy"] + "".join(
+          f" {k}={v:g}" for k, v in row.items()
+          if k in ("target_db", "confidence", "exit", "threshold_db", "patience", "seed"))
+      above = row.get("above_static_db")
+      lines.append(f"{name:<28} {row['si_snri_db']:>8.2f} {row['gmac_per_s']:>8.3f} "
+                   f"{row['mean_exit']:>10.2f} {row['regret_db'][middle]:>11.2f} "
+                   + (f"{above:>13.2f}" if above is not None else f"{'-':>13}"))
   return "\n".join(lines)
 
 
@@ -191,12 +219,15 @@ def run(experiment: configs.ExperimentConfig, workdir: str) -> dict:
   summary["training"] = {"steps": trained_steps, "planned_steps": experiment.train.steps,
                          "time_limit_s": experiment.train.time_limit_s}
   if jax.process_index() == 0:
+    save_final_model(model_dir, os.path.join(workdir, "model"))
     results_path = write_results(workdir, summary)
     plot_paths = plots.plot_run(workdir, summary)
     print(format_report(summary))
     print(f"\nresults:     {results_path}\nevaluation:  {os.path.join(workdir, 'evaluation.json')}"
           f"\ncheckpoints: {os.path.join(workdir, 'train', 'checkpoints')}, "
           f"{os.path.join(workdir, 'finetune', 'checkpoints')}\n"
+          f"model:       {os.path.join(workdir, 'model')} (press-separate --model {workdir} "
+          "--out-dir OUT FILES...)\n"
           f"tensorboard: tensorboard --logdir {workdir}\nplots:       "
           + ", ".join(plot_paths)
           + f"\ntotal time:  {time.perf_counter() - started:.0f} s", flush=True)

@@ -56,26 +56,49 @@ def learning_curve(workdir: str, path: str) -> None:
 
 
 def quality_vs_compute(summary: dict, path: str) -> None:
-  """SI-SNRi against GMAC/s: static exits and the dynamic rule over its target sweep."""
+  """SI-SNRi against GMAC/s (paper Fig. 3) and regret against GMAC/s (Fig. 4), every policy."""
   figure, axes = plt.subplots(1, 2, figsize=(11, 4))
   static = summary["per_exit"]
   axes[0].plot([e["gmac_per_s"] for e in static], [e["si_snri_db"] for e in static], "o-",
-               label="static exits")
-  dynamic = summary["dynamic"]
-  axes[0].plot([d["gmac_per_s"] for d in dynamic], [d["si_snri_db"] for d in dynamic], "s--",
-               label=f"dynamic (p = {dynamic[0]['confidence']})")
-  for d in dynamic:
-    axes[0].annotate(f"t={d['target_db']:g}", (d["gmac_per_s"], d["si_snri_db"]), fontsize=7)
+               color="k", label="static exits")
+  table = summary.get("policies")
+  if table:
+    styles = {"dynamic": "s--", "oracle": "*:", "similarity": "^-.", "patience": "v-."}
+    groups = {}
+    for row in table:
+      if row["policy"] == "dynamic":
+        groups.setdefault(f"dynamic p={row['confidence']:g}", []).append(row)
+      elif row["policy"] in styles:
+        key = row["policy"] if row["policy"] == "oracle" else row["policy"]
+        groups.setdefault(key, []).append(row)
+    for index, (label, rows) in enumerate(groups.items()):
+      style = styles[label.split(" ")[0]]
+      axes[0].plot([r["gmac_per_s"] for r in rows], [r["si_snri_db"] for r in rows], style,
+                   color=f"C{index}", label=label)
+    uniform = [r for r in table if r["policy"] == "uniform"]
+    for r in uniform:
+      axes[0].plot([r["gmac_per_s"]], [r["si_snri_db"]], "X", color="gray", label="uniform")
+    # Regret at the middle target of the sweep, every policy.
+    targets = list(table[0]["regret_db"])
+    target = targets[len(targets) // 2]
+    for index, (label, rows) in enumerate(groups.items()):
+      style = styles[label.split(" ")[0]]
+      axes[1].plot([r["gmac_per_s"] for r in rows], [r["regret_db"][target] for r in rows],
+                   style, color=f"C{index}", label=label)
+    statics = [r for r in table if r["policy"] == "static"]
+    axes[1].plot([r["gmac_per_s"] for r in statics], [r["regret_db"][target] for r in statics],
+                 "o-", color="k", label="static")
+    for r in uniform:
+      axes[1].plot([r["gmac_per_s"]], [r["regret_db"][target]], "X", color="gray",
+                   label="uniform")
+    axes[1].set(xlabel="GMAC/s", ylabel=f"one-sided regret at t = {target} dB (dB)",
+                title="regret vs compute")
+  else:
+    dynamic = summary["dynamic"]
+    axes[0].plot([d["gmac_per_s"] for d in dynamic], [d["si_snri_db"] for d in dynamic], "s--",
+                 label=f"dynamic (p = {dynamic[0]['confidence']})")
   axes[0].set(xlabel="GMAC/s", ylabel="SI-SNRi (dB)", title="quality vs compute (test)")
-  axes[0].legend()
-  for d_index, d in enumerate(dynamic):
-    color = f"C{d_index}"
-    axes[1].plot([d["gmac_per_s"]], [d["regret_db"]], "s", color=color,
-                 label=f"t={d['target_db']:g} dynamic")
-    axes[1].plot([d["oracle_gmac_per_s"]], [d["oracle_regret_db"]], "*", color=color)
-    axes[1].plot([e["gmac_per_s"] for e in static], d["static_regret_db"], ":", color=color)
-  axes[1].set(xlabel="GMAC/s", ylabel="one-sided regret (dB)",
-              title="regret: dynamic (squares), oracle (stars), static (dotted)")
+  axes[0].legend(fontsize=7)
   axes[1].legend(fontsize=7)
   figure.tight_layout()
   figure.savefig(path, dpi=110)

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from jax.sharding import NamedSharding, PartitionSpec
 
 from press_jax import config as config_lib
+from press_jax.models import press_net
 
 CHECKPOINT_DIR = "checkpoints"
 log = logging.getLogger(__name__)
@@ -144,8 +145,6 @@ def read_meta(workdir: str, step: int | None = None) -> dict[str, Any]:
 
 def load_params(workdir: str, step: int | None = None):
   """(model config, params) of the latest (or given) checkpoint of a training work directory."""
-  from press_jax.models import press_net  # Local import: press_net.load calls back into here.
-
   meta = read_meta(workdir, step)
   config = config_lib.PressConfig.from_dict(meta["model"])
   manager = make_manager(workdir)
@@ -172,7 +171,5 @@ def load_params(workdir: str, step: int | None = None):
 
 def load_model(workdir: str, step: int | None = None):
   """(PressNet, params) from a training work directory."""
-  from press_jax.models import press_net
-
   config, params = load_params(workdir, step)
   return press_net.PressNet(config), params

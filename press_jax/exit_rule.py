@@ -9,7 +9,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import gammaincc
+from jax.scipy.special import betainc, gammaincc
 from jaxtyping import Array, Bool, Float, Int
 
 from press_jax.likelihoods import block_sums, num_blocks
@@ -54,6 +54,20 @@ def mixture_reference_power(
   return jnp.sum(mixture * mixture * mask, axis=-1) / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
 
 
+PROBABILITY_METHODS = ("approximate", "exact")
+
+
+def _exact_tail(alpha, log_count, log_beta, log_energy_limit, valid):
+  """P(||e||^2 <= E) for e ~ N(0, sigma^2 I_T), sigma^2 ~ InvGamma(alpha, beta), where valid.
+
+  ||e||^2 / (T beta / alpha) ~ F(T, 2 alpha), so the probability is the regularised incomplete
+  beta function I_x(T/2, alpha) at x = E / (E + 2 beta) (docs/exit_rule.md).
+  """
+  x = jax.nn.sigmoid(jnp.where(valid, log_energy_limit - jnp.log(2.0) - log_beta, 0.0))
+  count = jnp.exp(jnp.where(valid, log_count, 0.0))
+  return jnp.where(valid, betainc(0.5 * count, alpha, x), 0.0)
+
+
 def snr_exit_probabilities(
     outputs: ExitOutputs,
     mixture: Float[Array, "batch samples"],
@@ -62,8 +76,19 @@ def snr_exit_probabilities(
     block_length: int,
     target_db: float | jax.Array,
     reference_power: float | jax.Array | None = None,
+    method: str = "approximate",
 ) -> dict[str, Float[Array, "exits batch speakers blocks"]]:
-  """P(SNR >= t), P(SNRi >= t), P(SNRref >= t) per exit, speaker and block (keys of CONDITIONS)."""
+  """P(SNR >= t), P(SNRi >= t), P(SNRref >= t) per exit, speaker and block (keys of CONDITIONS).
+
+  method 'approximate' is the paper's large-T form (SPEC §4): the block's error energy taken as
+  T sigma^2. 'exact' (beyond the paper) uses the error energy's exact distribution given the
+  predicted inverse gamma, ||e||^2 / (T beta / alpha) ~ F(T, 2 alpha): exact for SNRref, and
+  for SNR / SNRi up to the cross term between estimate and error that the SNR definitions drop.
+  Each condition is an event ||e||^2 <= E: E = ||x_hat||^2 / (t_lin - 1) for SNR,
+  ||x_hat - x_mix||^2 / (t_lin - 1) for SNRi, T P_ref / t_lin for SNRref.
+  """
+  if method not in PROBABILITY_METHODS:
+    raise ValueError(f"method must be one of {PROBABILITY_METHODS}, got {method!r}")
   dtype = jnp.promote_types(outputs.mean.dtype, jnp.float32)  # energies in >= float32
   mean = outputs.mean.astype(dtype)
   mixture = jnp.asarray(mixture, dtype)
@@ -73,31 +98,35 @@ def snr_exit_probabilities(
   t_lin = jnp.power(10.0, jnp.asarray(target_db, dtype) / 10.0)
   count = block_sums(mask, None, block_length)[None, :, None, :]
   log_count, has_samples = _positive_log(count)
+  log_excess, excess_positive = _positive_log(t_lin - 1.0)
 
-  # P(SNR >= t) = Q(alpha, (t_lin - 1) beta T / ||x_hat||^2), 1 when t_lin <= 1.
+  def tail(log_energy_limit, valid):
+    """P(||e||^2 <= E) given log E, where valid (else 0)."""
+    if method == "exact":
+      return _exact_tail(alpha, log_count, log_beta, log_energy_limit, valid)
+    # Q(alpha, T beta / E): the event T sigma^2 <= E.
+    return _tail(alpha, log_count + log_beta - log_energy_limit, valid)
+
+  # SNR: ||x_hat||^2 / ||e||^2 >= t_lin - 1; always true when t_lin <= 1.
   estimate_energy = block_sums(mean * mean, mask[None, :, None, :], block_length)
   log_estimate_energy, estimate_positive = _positive_log(estimate_energy)
-  log_excess, excess_positive = _positive_log(t_lin - 1.0)
-  snr = _tail(alpha, log_excess + log_beta + log_count - log_estimate_energy,
-              has_samples & estimate_positive)
+  snr = tail(log_estimate_energy - log_excess, has_samples & estimate_positive)
   snr = jnp.where(excess_positive, snr, jnp.where(has_samples, 1.0, 0.0))
 
-  # P(SNRi >= t) = Q(alpha, (t_lin - 1) beta T / ||x_hat - x_mix||^2), 1 when t_lin <= 1.
+  # SNRi: ||x_hat - x_mix||^2 / ||e||^2 >= t_lin - 1.
   residual = mean - mixture[None, :, None, :]
   residual_energy = block_sums(residual * residual, mask[None, :, None, :], block_length)
   log_residual_energy, residual_positive = _positive_log(residual_energy)
-  snri = _tail(alpha, log_excess + log_beta + log_count - log_residual_energy,
-               has_samples & residual_positive)
+  snri = tail(log_residual_energy - log_excess, has_samples & residual_positive)
   snri = jnp.where(excess_positive, snri, jnp.where(has_samples, 1.0, 0.0))
 
-  # P(SNRref >= t) = Q(alpha, t_lin beta / P_ref).
+  # SNRref: P_ref / (||e||^2 / T) >= t_lin.
   if reference_power is None:
     reference = mixture_reference_power(mixture, mask)
   else:
     reference = jnp.broadcast_to(jnp.asarray(reference_power, dtype), mixture.shape[:1])
   log_reference, reference_positive = _positive_log(reference[None, :, None, None])
-  snr_ref = _tail(alpha, jnp.log(t_lin) + log_beta - log_reference,
-                  has_samples & reference_positive)
+  snr_ref = tail(log_count + log_reference - jnp.log(t_lin), has_samples & reference_positive)
   return {"snr": snr, "snri": snri, "snr_ref": snr_ref}
 
 
@@ -118,12 +147,16 @@ def exit_probabilities(
     target_db: float | jax.Array,
     reference_power: float | jax.Array | None = None,
     conditions: tuple[str, ...] = CONDITIONS,
+    method: str = "approximate",
 ) -> Float[Array, "exits batch speakers blocks"]:
-  """p_exit(e, j, b): the max over the chosen conditions' probabilities (any condition suffices)."""
+  """p_exit(e, j, b): the max over the chosen conditions' probabilities (any condition suffices).
+
+  `method`: 'approximate' (the paper's large-T tails) or 'exact' (snr_exit_probabilities).
+  """
   conditions = _check_conditions(conditions)
   tails = snr_exit_probabilities(
       outputs, mixture, mask, block_length=block_length, target_db=target_db,
-      reference_power=reference_power)
+      reference_power=reference_power, method=method)
   return functools.reduce(jnp.maximum, [tails[c] for c in conditions])
 
 
@@ -185,14 +218,14 @@ def splice_weights(
 
 
 @functools.partial(jax.jit, static_argnames=("block_length", "crossfade", "conditions",
-                                             "use_mixture_reference"))
+                                             "use_mixture_reference", "method"))
 def _select_exits_core(outputs, mixture, mask, target_db, confidence, reference_power, *,
-                       block_length, crossfade, conditions, use_mixture_reference):
+                       block_length, crossfade, conditions, use_mixture_reference, method):
   """Jitted masked exit rule; t, p and P_ref are traced so sweeping them does not recompile."""
   probabilities = exit_probabilities(
       outputs, mixture, mask, block_length=block_length, target_db=target_db,
       reference_power=None if use_mixture_reference else reference_power,
-      conditions=conditions)
+      conditions=conditions, method=method)
   exit_index = first_accepted_exit(probabilities, confidence)
   block_valid = block_sums(mask, None, block_length) > 0
   weights = splice_weights(exit_index, block_valid, outputs.num_exits, mask.shape[-1],
@@ -262,8 +295,14 @@ def select_exits(
     reference_power: float | jax.Array | None = None,
     crossfade_ms: float = 10.0,
     conditions: tuple[str, ...] = CONDITIONS,
+    method: str = "approximate",
 ) -> ExitSelection:
-  """Masked exit rule: first accepted exit per block, blocks spliced with a crossfade."""
+  """Masked exit rule: first accepted exit per block, blocks spliced with a crossfade.
+
+  `method`: the exit probabilities' 'approximate' (paper) or 'exact' form.
+  """
+  if method not in PROBABILITY_METHODS:
+    raise ValueError(f"method must be one of {PROBABILITY_METHODS}, got {method!r}")
   if sample_rate <= 0:
     raise ValueError(f"sample_rate must be positive, got {sample_rate}.")
   if crossfade_ms < 0:
@@ -281,7 +320,7 @@ def select_exits(
       outputs, mixture, mask, jnp.asarray(target_db, dtype), jnp.asarray(confidence, dtype),
       reference,
       block_length=block_length, crossfade=crossfade, conditions=conditions,
-      use_mixture_reference=use_mixture_reference)
+      use_mixture_reference=use_mixture_reference, method=method)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -152,3 +152,90 @@ def test_block_pit_values_skip_padding():
   _, valid = evaluation.block_pit_values(outputs, sources, mask, 1000)
   np.testing.assert_array_equal(np.asarray(valid)[0, :, 0], [[True, True, True],
                                                               [True, True, False]])
+
+
+def test_post_calibration_round_trip_through_the_model_directory(tmp_path):
+  """fit -> store beside the parameters -> model_dir.load -> applied by the evaluator."""
+  from press_jax import calibration, model_dir
+
+  model = press_net.create("tiny")
+  params = press_net.init_params(model, jax.random.key(0))
+  press_net.save(str(tmp_path), model, params)
+  gmacs = [c.gmac_per_s for c in compute.exit_costs(model.config)]
+  policy = evaluation.PolicySettings(target_dbs=(5.0,), confidence=0.5)
+  raw = evaluation.Evaluator(model, params, gmacs, policy)
+  for batch in batches():
+    raw.add(batch)
+  statistics = raw.block_statistics()
+  assert statistics["error_energy"].shape == statistics["log_alpha"].shape
+  assert statistics["error_energy"].shape[0] == 2
+  fitted = calibration.fit_post_calibration(
+      statistics["error_energy"], statistics["count"], statistics["log_var"],
+      statistics["log_alpha"], per_exit=True)
+  calibration.save_post_calibration(str(tmp_path / model_dir.POST_CALIBRATION_FILE), fitted)
+  loaded = model_dir.load(str(tmp_path))
+  np.testing.assert_allclose(np.asarray(loaded.calibration.log_beta_scale),
+                             np.asarray(fitted.log_beta_scale), rtol=1e-6)
+  before = raw.summary()
+  calibrated = evaluation.Evaluator(loaded.model, loaded.params, gmacs, policy,
+                                    post_calibration=loaded.calibration)
+  for batch in batches():
+    calibrated.add(batch)
+  after_statistics = calibrated.block_statistics()
+  after = calibrated.summary()
+  # Applied per exit: alpha' = e^a alpha, beta' = e^b beta on every block, errors untouched.
+  a = np.asarray(fitted.log_alpha_scale)[:, None]
+  b = np.asarray(fitted.log_beta_scale)[:, None]
+  np.testing.assert_allclose(after_statistics["log_alpha"], statistics["log_alpha"] + a,
+                             atol=1e-5)
+  np.testing.assert_allclose(after_statistics["log_var"], statistics["log_var"] + b - a,
+                             atol=1e-5)
+  np.testing.assert_array_equal(after_statistics["error_energy"], statistics["error_energy"])
+  for b_entry, a_entry in zip(before["per_exit"], after["per_exit"]):
+    assert a_entry["si_snri_db"] == pytest.approx(b_entry["si_snri_db"], abs=1e-6)
+    assert a_entry["calibration"]["crps_db"] != b_entry["calibration"]["crps_db"]
+  # The fit maximises the Student-t likelihood of these blocks (scipy's inverse gamma here).
+  from scipy import stats
+
+  def mean_nll(stats_, e):
+    alpha = np.exp(stats_["log_alpha"][e])
+    beta = np.exp(stats_["log_alpha"][e] + stats_["log_var"][e])
+    count = stats_["count"][e]
+    # ||e||^2 / (T beta / alpha) ~ F(T, 2 alpha): the exact marginal of the block error energy.
+    scale = count * beta / alpha
+    return -np.mean(stats.f(count, 2 * alpha).logpdf(stats_["error_energy"][e] / scale)
+                    - np.log(scale))
+
+  for e in range(2):
+    assert mean_nll(after_statistics, e) < mean_nll(statistics, e)
+
+
+def test_policy_table_agrees_with_the_per_exit_and_dynamic_summaries(summary):
+  """Static rows are the per-exit numbers; the dynamic rows at p = 0.5 are summary['dynamic']
+  (computed by the older per-policy code path, with its own regret)."""
+  result, gmacs = summary
+  table = result["policies"]
+  kinds = [row["policy"] for row in table]
+  assert kinds.count("static") == 2 and kinds.count("uniform") == 1
+  assert kinds.count("oracle") == 2 and kinds.count("similarity") == 2
+  for row in table:
+    if row["policy"] == "static":
+      entry = result["per_exit"][row["exit"] - 1]
+      assert row["si_snri_db"] == pytest.approx(entry["si_snri_db"], abs=1e-4)
+      assert row["gmac_per_s"] == pytest.approx(gmacs[row["exit"] - 1], rel=1e-6)
+      assert row["mean_exit"] == row["exit"]
+      for d in result["dynamic"]:
+        assert row["regret_db"][f"{d['target_db']:g}"] == pytest.approx(
+            d["static_regret_db"][row["exit"] - 1], abs=1e-4)
+    if row["policy"] == "dynamic" and row["confidence"] == 0.5:
+      d = next(d for d in result["dynamic"] if d["target_db"] == row["target_db"])
+      assert row["si_snri_db"] == pytest.approx(d["si_snri_db"], abs=1e-4)
+      assert row["gmac_per_s"] == pytest.approx(d["gmac_per_s"], rel=1e-5)
+      assert row["regret_db"][f"{row['target_db']:g}"] == pytest.approx(d["regret_db"], abs=1e-4)
+    if row["policy"] == "oracle":
+      d = next(d for d in result["dynamic"] if d["target_db"] == row["target_db"])
+      assert row["gmac_per_s"] == pytest.approx(d["oracle_gmac_per_s"], rel=1e-5)
+      assert row["regret_db"][f"{row['target_db']:g}"] == pytest.approx(d["oracle_regret_db"],
+                                                                         abs=1e-4)
+    if row["policy"] == "uniform":
+      assert 1.0 < row["mean_exit"] < 2.0

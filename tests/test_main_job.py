@@ -35,7 +35,8 @@ def check_outputs(workdir, summary, test_utterances):
   assert all(0.0 <= e["silent_stream_fraction"] <= 1.0 for e in summary["per_exit"])
   for name in ("evaluation.json", "plots/learning_curve.png", "plots/quality_vs_compute.png",
                "plots/calibration.png",
-               "train/train_history.json", "finetune/train_history.json"):
+               "train/train_history.json", "finetune/train_history.json",
+               "model/config.json", "model/params.msgpack"):
     assert os.path.isfile(os.path.join(workdir, name)), name
   assert os.listdir(os.path.join(workdir, "train", "tensorboard"))
 
@@ -67,6 +68,12 @@ def test_main_job_reduced(tmp_path, capsys):
   with open(os.path.join(model_dir, "evaluation_validation.json")) as handle:
     assert json.load(handle)["utterances"] == 2
   assert "Validation split: 2 utterances" in capsys.readouterr().out
+  # The final model is what press-separate reads from the work directory.
+  from press_jax import model_dir as model_dir_lib
+
+  loaded = model_dir_lib.load(workdir)
+  assert loaded.kind == "saved" and loaded.directory == os.path.join(workdir, "model")
+  assert model_dir_lib.load(os.path.join(workdir, "finetune")).kind == "checkpoint"
 
 
 def test_report_warns_of_silent_streams():
@@ -95,7 +102,7 @@ def test_evaluate_names_a_work_directory_without_checkpoints(tmp_path, capsys):
 
   with pytest.raises(SystemExit):
     evaluate.main_cli(["--model-dir", str(tmp_path), "--split", "test"])
-  assert f"--model-dir {str(tmp_path)!r} holds no checkpoint" in capsys.readouterr().err
+  assert f"--model-dir {tmp_path}: holds no model" in capsys.readouterr().err
 
 
 @pytest.mark.slow

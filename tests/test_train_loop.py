@@ -193,9 +193,16 @@ def test_load_model_from_workdir_evaluates(runs):
   assert np.all(np.isfinite(np.asarray(sums["si_snr_improvement"])))
 
 
-def test_press_net_load_of_a_training_workdir(runs):
-  model, params = press_net.load(str(runs["main"]))
+def test_model_dir_load_of_a_training_workdir(runs):
+  from press_jax import model_dir
+
+  loaded = model_dir.load(str(runs["main"]))
+  assert loaded.kind == "checkpoint" and loaded.calibration is None
+  model, params = loaded.model, loaded.params
   assert model.config == press_net.create("tiny").config
+  # The model itself reads parameter files only, never run directories.
+  with pytest.raises(FileNotFoundError, match="press_jax.model_dir.load"):
+    press_net.load(str(runs["main"]))
   _, expected = checkpointing.load_model(str(runs["main"]))
   for a, b in zip(jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(expected)):
     np.testing.assert_array_equal(a, b)

@@ -21,6 +21,7 @@ from typing import Any
 
 import flax.linen as nn
 import flax.serialization
+import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -174,6 +175,9 @@ class StageGroup(nn.Module):
   config: config_lib.PressConfig
   samples: int
   blocks: int
+  # Which of the group's stages to run (the dynamic path runs them one at a time, each on the
+  # previous one's streams); None runs them all. Parameter names do not depend on it.
+  positions: tuple[int, ...] | None = None
 
   @nn.compact
   def __call__(self, streams, context):
@@ -181,7 +185,8 @@ class StageGroup(nn.Module):
     frame_mask, frame_block, frame_weight = context
     dtype = jnp.dtype(config.dtype)
     exits = []
-    for stage in range(config.stages_per_group):
+    positions = range(config.stages_per_group) if self.positions is None else self.positions
+    for stage in positions:
       rnn_count = attention_count = 0
       for kind in config.stage_layout(stage):
         if kind == "rnn":
@@ -239,30 +244,15 @@ class PressNet(nn.Module):
   ) -> ExitOutputs:
     config = self.config
     batch, samples = mixture.shape
-    mask = jnp.ones_like(mixture) if mask is None else mask.astype(mixture.dtype)
-    mixture = mixture * mask
-    lengths = mask.sum(-1)  # (batch,)
-    if config.normalize_input:
-      power = (mixture ** 2).sum(-1) / jnp.maximum(lengths, 1.0)
-      scale = jnp.sqrt(power + _RMS_EPSILON)
-    else:
-      scale = jnp.ones((batch,), mixture.dtype)
-    normalised = mixture / scale[:, None]
-
-    dtype = jnp.dtype(config.dtype)
-    latent = Encoder(config.encoder_channels, config.encoder_kernel, config.encoder_stride,
-                     config.width, dtype, config.frame_norm, name="encoder")(normalised)
-    frame_mask, frame_block, frame_weight = self.frame_context(lengths, samples)
+    prepared = prepare_input(config, mixture, mask)
+    latent = make_encoder(config, name="encoder")(prepared.normalised)
+    context = frame_context(config, prepared.lengths, samples)
+    frame_mask = context[0]
 
     if config.encoder_blocks:
-      block = nn.remat(EncoderBlock) if self.remat else EncoderBlock
-      encoder_stack = nn.scan(
-          block, variable_axes={"params": 0}, split_rngs={"params": True},
-          in_axes=nn.broadcast, length=config.encoder_blocks, unroll=self.scan_unroll)
-      latent, _ = encoder_stack(config, name="encoder_blocks")(latent, frame_mask)
-
-    streams = SpeakerSplit(config.speakers, dtype, config.frame_norm,
-                           name="speaker_split")(latent)
+      latent, _ = make_encoder_stack(config, self.scan_unroll, self.remat,
+                                     name="encoder_blocks")(latent, frame_mask)
+    streams = make_speaker_split(config, name="speaker_split")(latent)
 
     blocks = num_blocks(samples, config.block_length)
     group = nn.remat(StageGroup) if self.remat else StageGroup
@@ -270,7 +260,7 @@ class PressNet(nn.Module):
         group, variable_axes={"params": 0}, split_rngs={"params": True},
         in_axes=nn.broadcast, length=config.groups, unroll=self.scan_unroll)
     _, (mean, log_var, log_alpha) = stages(config, samples, blocks, name="stages")(
-        streams, (frame_mask, frame_block, frame_weight))
+        streams, context)
 
     def exits_first(x):  # (groups, stages_per_group, ...) -> (exits, ...)
       return x.reshape(config.exits, *x.shape[2:])
@@ -278,27 +268,77 @@ class PressNet(nn.Module):
     mean, log_var, log_alpha = map(exits_first, (mean, log_var, log_alpha))
     if config.cumulative_exits:
       log_var, log_alpha = cumulative_exit_parameters(log_var, log_alpha)
-    if config.mixture_consistency:
-      mean = mixture_consistent(mean, normalised)
-    mean = mean * scale[None, :, None, None] * mask[None, :, None, :]
-    log_var = log_var + 2.0 * jnp.log(scale)[None, :, None, None]
-    return ExitOutputs(mean=mean, log_var=log_var, log_alpha=log_alpha)
+    return finish_exits(config, prepared, mean, log_var, log_alpha)
 
-  def frame_context(self, lengths, samples):
-    """Per-frame validity, block index and pooling weight, each (batch, frames)."""
-    config = self.config
-    frames = num_frames(samples, config.encoder_kernel, config.encoder_stride)
-    start = (np.arange(frames) - (config.encoder_kernel // config.encoder_stride - 1)
-             ) * config.encoder_stride
-    centre = jnp.asarray(start + config.encoder_kernel // 2)[None, :]
-    last_valid = jnp.maximum(lengths - 1, 0).astype(jnp.int32)[:, None]
-    frame_mask = (jnp.asarray(start)[None, :] < lengths[:, None]).astype(jnp.float32)
-    frame_block = jnp.clip(centre, 0, last_valid) // config.block_length
-    blocks = num_blocks(samples, config.block_length)
-    counts = jax.vmap(lambda m, b: jax.ops.segment_sum(m, b, num_segments=blocks))(
-        frame_mask, frame_block)
-    frame_weight = frame_mask / jnp.maximum(jnp.take_along_axis(counts, frame_block, 1), 1.0)
-    return frame_mask, frame_block, frame_weight
+
+# --- the pieces of the forward pass, shared by PressNet and the dynamic path (dynamic.py) -----
+@flax.struct.dataclass
+class PreparedInput:
+  """The masked mixture scaled to unit RMS, its mask, scale and valid lengths."""
+
+  normalised: Float[Array, "batch samples"]
+  mask: Float[Array, "batch samples"]
+  scale: Float[Array, "batch"]
+  lengths: Float[Array, "batch"]
+
+
+def prepare_input(config: config_lib.PressConfig, mixture, mask=None) -> PreparedInput:
+  """Masks the mixture and (with normalize_input) scales each one to unit RMS."""
+  batch = mixture.shape[0]
+  mask = jnp.ones_like(mixture) if mask is None else mask.astype(mixture.dtype)
+  mixture = mixture * mask
+  lengths = mask.sum(-1)  # (batch,)
+  if config.normalize_input:
+    power = (mixture ** 2).sum(-1) / jnp.maximum(lengths, 1.0)
+    scale = jnp.sqrt(power + _RMS_EPSILON)
+  else:
+    scale = jnp.ones((batch,), mixture.dtype)
+  return PreparedInput(normalised=mixture / scale[:, None], mask=mask, scale=scale,
+                       lengths=lengths)
+
+
+def finish_exits(config: config_lib.PressConfig, prepared: PreparedInput,
+                 mean: Float[Array, "exits batch speakers samples"], log_var, log_alpha
+                 ) -> ExitOutputs:
+  """Mixture consistency, then back to the input's scale (any number of exits)."""
+  if config.mixture_consistency:
+    mean = mixture_consistent(mean, prepared.normalised)
+  mean = mean * prepared.scale[None, :, None, None] * prepared.mask[None, :, None, :]
+  log_var = log_var + 2.0 * jnp.log(prepared.scale)[None, :, None, None]
+  return ExitOutputs(mean=mean, log_var=log_var, log_alpha=log_alpha)
+
+
+def make_encoder(config: config_lib.PressConfig, **kwargs) -> Encoder:
+  return Encoder(config.encoder_channels, config.encoder_kernel, config.encoder_stride,
+                 config.width, jnp.dtype(config.dtype), config.frame_norm, **kwargs)
+
+
+def make_encoder_stack(config: config_lib.PressConfig, scan_unroll=1, remat=False, **kwargs):
+  """The scanned encoder blocks as one module: (latent, frame_mask) -> (latent, None)."""
+  block = nn.remat(EncoderBlock) if remat else EncoderBlock
+  stack = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True},
+                  in_axes=nn.broadcast, length=config.encoder_blocks, unroll=scan_unroll)
+  return stack(config, **kwargs)
+
+
+def make_speaker_split(config: config_lib.PressConfig, **kwargs) -> SpeakerSplit:
+  return SpeakerSplit(config.speakers, jnp.dtype(config.dtype), config.frame_norm, **kwargs)
+
+
+def frame_context(config: config_lib.PressConfig, lengths, samples: int):
+  """Per-frame validity, block index and pooling weight, each (batch, frames)."""
+  frames = num_frames(samples, config.encoder_kernel, config.encoder_stride)
+  start = (np.arange(frames) - (config.encoder_kernel // config.encoder_stride - 1)
+           ) * config.encoder_stride
+  centre = jnp.asarray(start + config.encoder_kernel // 2)[None, :]
+  last_valid = jnp.maximum(lengths - 1, 0).astype(jnp.int32)[:, None]
+  frame_mask = (jnp.asarray(start)[None, :] < lengths[:, None]).astype(jnp.float32)
+  frame_block = jnp.clip(centre, 0, last_valid) // config.block_length
+  blocks = num_blocks(samples, config.block_length)
+  counts = jax.vmap(lambda m, b: jax.ops.segment_sum(m, b, num_segments=blocks))(
+      frame_mask, frame_block)
+  frame_weight = frame_mask / jnp.maximum(jnp.take_along_axis(counts, frame_block, 1), 1.0)
+  return frame_mask, frame_block, frame_weight
 
 
 def mixture_consistent(
@@ -345,16 +385,19 @@ def save(directory: str, model: PressNet, params) -> None:
 
 
 def load(directory: str) -> tuple[PressNet, Any]:
-  """(model, params) from a directory written by `save`, or a training work directory."""
+  """(model, params) from the parameter files `save` writes: config.json + params.msgpack.
+
+  Only parameter files: training work directories and run directories are read by
+  `press_jax.model_dir.load`, which sits above the model.
+  """
   config_path = os.path.join(directory, CONFIG_FILE)
   params_path = os.path.join(directory, PARAMS_FILE)
-  if not os.path.isfile(config_path) or not os.path.isfile(params_path):
-    from press_jax import checkpointing  # Local: checkpointing imports this module.
-    if os.path.isdir(checkpointing.checkpoint_directory(directory)):
-      return checkpointing.load_model(directory)
-    raise FileNotFoundError(
-        f"load: {directory!r} holds neither {CONFIG_FILE} + {PARAMS_FILE} (written by "
-        "press_jax.models.press_net.save) nor a training checkpoint (checkpoints/)")
+  for path in (config_path, params_path):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(
+          f"load: {path} not found (a saved model is {CONFIG_FILE} + {PARAMS_FILE}, written by "
+          "press_jax.models.press_net.save; for training work directories use "
+          "press_jax.model_dir.load)")
   with open(config_path) as handle:
     config = config_lib.PressConfig.from_dict(json.load(handle))
   model = PressNet(config)
@@ -362,4 +405,16 @@ def load(directory: str) -> tuple[PressNet, Any]:
   target = jax.tree_util.tree_map(lambda s: np.zeros(s.shape, s.dtype), target)
   with open(params_path, "rb") as handle:
     params = flax.serialization.from_bytes(target, handle.read())
+  # from_bytes takes the stored arrays as they are: check them against the config's shapes.
+  expected = dict(jax.tree_util.tree_flatten_with_path(target)[0])
+  stored = jax.tree_util.tree_flatten_with_path(params)[0]
+  for path, value in stored:
+    if path not in expected or np.shape(value) != np.shape(expected[path]):
+      name = jax.tree_util.keystr(path)
+      want = np.shape(expected[path]) if path in expected else "no such parameter"
+      raise ValueError(f"load: {params_path} does not fit {config_path}: parameter {name} has "
+                       f"shape {np.shape(value)}, the config needs {want}")
+  if len(stored) != len(expected):
+    raise ValueError(f"load: {params_path} holds {len(stored)} arrays, {config_path} needs "
+                     f"{len(expected)}")
   return model, params
