@@ -73,28 +73,29 @@ DEMO_MODEL = {
     "encoder_channels": 256,  # The paper's encoder width.
     "decoder_blocks": 3, "exits": 3, "attention_every": 3,  # One RNN block per exit.
     "frame_norm": False,  # Keep each frame's level on the main path (docs/model.md).
+    "waveform_head": "mask",  # Exits mask the encoder's frames (TasNet); +1.0 dB at equal time.
     "mixture_consistency": True,  # Estimates sum to the mixture (no silent streams).
     "variance_floor": 1e-4,  # Predicted error variance floored at -40 dB re the mixture.
 }
-DEMO_STEPS = 3300
+DEMO_STEPS = 2700
 
 
 def demo() -> ExperimentConfig:
   """The README's main job: a small PRESS-Net on the embedded corpus, on a 2-core CPU.
 
   Command: make demo   (= python -m experiments.main --config demo --workdir runs/demo)
-  Expected on 2 cores: corpus build ~1.5 min (once, cached afterwards), training 3300 steps in
-  ~6 min (~9.5 steps/s; sized so that a machine half as fast still finishes them inside the
-  15-minute time limit), fine-tuning and test evaluation ~2 min; ~11 min in all from a fresh
-  clone. Results: README, "What it gives today" (test SI-SNRi per exit with this config).
+  Expected on 2 cores: corpus build ~1.5 min (once, cached afterwards), training 2700 steps in
+  ~6.5 min (~7 steps/s; sized so that a machine half as fast still finishes them inside the
+  15-minute time limit, with ~10 % to spare), fine-tuning and test evaluation ~2 min; ~12 min in
+  all from a fresh clone. Results: README, "What it gives today" (test SI-SNRi per exit with this config).
   """
   steps = DEMO_STEPS
   return ExperimentConfig(
       name="demo",
       train=TrainConfig(
           model="tiny", model_overrides=dict(DEMO_MODEL),
-          steps=steps, batch_size_per_device=4, log_every=100, eval_every=1100,
-          checkpoint_every=550, keep_checkpoints=2, time_limit_s=15 * 60,
+          steps=steps, batch_size_per_device=4, log_every=100, eval_every=900,
+          checkpoint_every=450, keep_checkpoints=2, time_limit_s=15 * 60,
           optimizer=optim.OptimizerConfig(peak_learning_rate=6e-3, warmup_steps=50,
                                           total_steps=steps)),
       # One length bucket: on a CPU each new shape costs a ~20 s compile, more than the padding.
@@ -107,7 +108,7 @@ def demo_long() -> ExperimentConfig:
   """The demo recipe for about 40 minutes of this 2-core CPU: what a larger budget does.
 
   Command: python -m experiments.main --config demo_long --workdir runs/demo_long
-  Expected: ~35 min of training (20000 steps at ~9.5 steps/s), then fine-tuning and test
+  Expected: ~50 min of training (20000 steps at ~7 steps/s), then fine-tuning and test
   evaluation. Not yet measured with the current demo recipe (the README's learning curve is
   an older recipe's: 5.3 dB validation SI-SNRi at step 6000).
   """

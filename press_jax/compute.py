@@ -51,8 +51,12 @@ def attention_block_macs(config: PressConfig) -> float:
 
 
 def waveform_head_macs(config: PressConfig) -> float:
-  """MACs per frame and stream of a WaveformHead (GLU + transposed conv)."""
-  return config.width * 2 * config.width + config.width * config.encoder_kernel
+  """MACs per frame and stream of a WaveformHead (GLU + transposed conv) or a MaskHead."""
+  glu = config.width * 2 * config.width
+  if config.waveform_head == "mask":
+    channels = config.encoder_channels
+    return glu + config.width * channels + channels + channels * config.encoder_kernel
+  return glu + config.width * config.encoder_kernel
 
 
 def variance_head_macs(config: PressConfig) -> float:

@@ -53,6 +53,10 @@ class PressConfig:
   # each waveform head's input. False (beyond the paper) drops these three, so the residual
   # stream keeps every frame's level instead of normalising it away (the blocks' pre-norms stay).
   frame_norm: bool = True
+  # How an exit turns its streams into waveforms. 'mapping' (SPEC §6): GLU -> transposed conv
+  # of the stream. 'mask' (beyond the paper; TasNet's decoder): each stream predicts a sigmoid
+  # mask over the encoder's channels, and the exit's transposed conv decodes the masked frames.
+  waveform_head: str = "mapping"
 
   dtype: str = "float32"  # Dense/attention compute dtype ("bfloat16" on accelerators).
   # Kernel of the linear recurrence (press_jax/models/recurrence.py): 'associative', 'chunked',
@@ -128,6 +132,8 @@ class PressConfig:
          f"block_length ({self.block_length}) must be a positive multiple of encoder_stride "
          f"({self.encoder_stride})")
     need(self.width > 0, f"width must be positive, got {self.width}")
+    need(self.waveform_head in ("mapping", "mask"),
+         f"waveform_head must be 'mapping' or 'mask', got {self.waveform_head!r}")
     need(self.encoder_blocks >= 0, f"encoder_blocks must be >= 0, got {self.encoder_blocks}")
     need(self.exits >= 1, f"exits must be >= 1, got {self.exits}")
     need(self.decoder_blocks >= self.exits and self.decoder_blocks % self.exits == 0,

@@ -79,15 +79,7 @@ def _dynamic_core(params, mixture, mask, target_db, confidence, reference_power,
   batch, samples = mixture.shape
   speakers = config.speakers
   blocks = num_blocks(samples, config.block_length)
-  prepared = press_net.prepare_input(config, mixture, mask)
-  latent = press_net.make_encoder(config).apply({"params": params["encoder"]},
-                                                prepared.normalised)
-  context = press_net.frame_context(config, prepared.lengths, samples)
-  if config.encoder_blocks:
-    latent, _ = press_net.make_encoder_stack(config).apply(
-        {"params": params["encoder_blocks"]}, latent, context[0])
-  streams = press_net.make_speaker_split(config).apply({"params": params["speaker_split"]},
-                                                       latent)
+  prepared, context, streams = press_net.encode_and_split(config, params, mixture, mask)
   block_valid = block_sums(prepared.mask, None, block_length) > 0
   last = max_exit - 1
   spg = config.stages_per_group

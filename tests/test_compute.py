@@ -47,10 +47,11 @@ def test_params_per_exit_equal_a_truncated_model(name, exit_number):
   assert total == compute.params_per_exit(config)[exit_number - 1]
 
 
-@pytest.mark.parametrize("name,exit_number", [("tiny", 2), ("S", 1)])
-def test_analytic_count_agrees_with_xla_cost_analysis(name, exit_number):
+@pytest.mark.parametrize("name,exit_number,overrides", [
+    ("tiny", 2, {}), ("S", 1, {}), ("tiny", 2, {"waveform_head": "mask"})])
+def test_analytic_count_agrees_with_xla_cost_analysis(name, exit_number, overrides):
   """XLA counts every flop (activations, norms, the scan's extra work); dense MACs dominate."""
-  config = config_lib.preset(name)
+  config = config_lib.preset(name, **overrides)
   analytic = compute.gmac_per_second(config, exit_number, all_heads=True)
   xla = compute.xla_gmac_per_second(config, exit_number, seconds=0.5)
   assert 1.0 <= xla / analytic <= 1.3, (xla, analytic)

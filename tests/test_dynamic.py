@@ -12,7 +12,8 @@ from press_jax import dynamic
 from press_jax.models import press_net
 
 # (name, overrides): one stage per scan step, and three stages per scan step (the demo's
-# layout: one RNN block per exit, attention after the third), and cumulative exits.
+# layout: one RNN block per exit, attention after the third), the same with mask heads, and
+# cumulative exits.
 CONFIGS = {
     "one_stage_per_step": dict(width=16, encoder_blocks=1, decoder_blocks=4, exits=4,
                                attention_every=1, attention_heads=2, rnn_expansion=1.0,
@@ -23,6 +24,11 @@ CONFIGS = {
                                   ffn_expansion=1.0, attention_ffn_expansion=1.0,
                                   encoder_channels=16, block_length=400,
                                   mixture_consistency=True, frame_norm=False),
+    "mask_head": dict(width=16, encoder_blocks=1, decoder_blocks=3, exits=3,
+                      attention_every=3, attention_heads=2, rnn_expansion=1.0,
+                      ffn_expansion=1.0, attention_ffn_expansion=1.0,
+                      encoder_channels=16, block_length=400, mixture_consistency=True,
+                      frame_norm=False, waveform_head="mask"),
     "cumulative": dict(width=16, encoder_blocks=0, decoder_blocks=2, exits=2,
                        attention_every=2, attention_heads=2, rnn_expansion=1.0,
                        ffn_expansion=1.0, attention_ffn_expansion=1.0, encoder_channels=16,

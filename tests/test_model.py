@@ -97,10 +97,16 @@ def test_framing_is_a_strided_convolution_and_overlap_add_its_transpose(kernel, 
   np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
 
 
-def test_padding_never_changes_the_valid_outputs():
-  model, params = tiny_model_and_params()
+@pytest.mark.parametrize("waveform_head", ["mapping", "mask"])
+def test_padding_never_changes_the_valid_outputs(waveform_head):
+  if waveform_head == "mapping":
+    model, params = tiny_model_and_params()
+    apply = tiny_apply()
+  else:
+    model = press_net.create("tiny", waveform_head=waveform_head)
+    params = press_net.init_params(model, jax.random.key(0))
+    apply = jax.jit(lambda params, x, mask: model.apply({"params": params}, x, mask))
   params = randomise(params, jax.random.key(4))
-  apply = tiny_apply()
   length, padded_length = 1700, 2600
   signal = jax.random.normal(jax.random.key(5), (1, length))
   alone = apply(params, signal, jnp.ones_like(signal))
@@ -113,6 +119,41 @@ def test_padding_never_changes_the_valid_outputs():
   np.testing.assert_allclose(together.log_var[..., :blocks], alone.log_var, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(together.log_alpha[..., :blocks], alone.log_alpha, rtol=1e-4,
                              atol=1e-4)
+
+
+def test_mask_head_masks_and_decodes_the_encoder_basis():
+  """MaskHead against numpy: sigmoid mask x basis, then a transposed convolution by loops."""
+  kernel, stride, samples, width, channels = 16, 4, 203, 8, 12
+  key_s, key_b, key_p = jax.random.split(jax.random.key(21), 3)
+  frames = press_net.num_frames(samples, kernel, stride)
+  streams = jax.random.normal(key_s, (2, 2, frames, width))
+  basis = jax.random.normal(key_b, (2, frames, channels))
+  head = press_net.MaskHead(kernel, stride, frame_norm=False)
+  params = randomise(head.init(key_p, streams, basis, samples)["params"], key_p, 0.5)
+  got = np.asarray(head.apply({"params": params}, streams, basis, samples))
+
+  p = jax.tree_util.tree_map(np.asarray, params)
+  sigmoid = lambda x: 1.0 / (1.0 + np.exp(-x))
+  glu = np.asarray(streams) @ p["glu"]["kernel"] + p["glu"]["bias"]
+  value, gate = glu[..., :width], glu[..., width:]
+  mask = sigmoid((value * sigmoid(gate)) @ p["mask"]["kernel"] + p["mask"]["bias"])
+  decoded = (mask * np.asarray(basis)[:, None]) @ p["transposed_conv"]["kernel"]
+  expected = np.zeros((2, 2, (frames - 1) * stride + kernel))
+  for f in range(frames):  # frame f starts at f * stride - (kernel - stride) in the signal
+    expected[..., f * stride:f * stride + kernel] += decoded[..., f, :]
+  expected = expected[..., kernel - stride:kernel - stride + samples]
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_mask_head_model_keeps_its_own_decoder_per_exit():
+  model = press_net.create("tiny", waveform_head="mask")
+  params = press_net.init_params(model, jax.random.key(0))
+  heads = [name for name in params["stages"] if name.endswith("waveform_head")]
+  assert heads and all(
+      params["stages"][name]["transposed_conv"]["kernel"].shape[-2:]
+      == (model.config.encoder_channels, model.config.encoder_kernel) for name in heads)
+  with pytest.raises(ValueError, match="waveform_head"):
+    config_lib.preset("tiny", waveform_head="masks")
 
 
 def _segment_sum_pooling(hidden, frame_block, frame_weight, blocks):

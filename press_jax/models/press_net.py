@@ -5,6 +5,7 @@
       -> SpeakerSplit                                           (batch, speakers, frames, width)
       -> StageGroups (scanned, stacked parameters); each stage ends in an exit:
            WaveformHead -> mean                                 (batch, speakers, samples)
+           (or MaskHead: a mask on the encoder's frames, decoded; PressConfig.waveform_head)
            VarianceHead -> log_var, log_alpha per block         (batch, speakers, blocks)
     -> ExitOutputs with a leading exit axis.
 
@@ -76,7 +77,11 @@ def overlap_add(frames: Float[Array, "... frames kernel"], stride: int, samples:
 
 # --- modules ----------------------------------------------------------------------------------
 class Encoder(nn.Module):
-  """Conv1d(1 -> channels, kernel, stride, no bias) -> GELU -> RMSNorm -> Dense(width)."""
+  """Conv1d(1 -> channels, kernel, stride, no bias) -> GELU -> RMSNorm -> Dense(width).
+
+  With `with_basis` it returns (latent, basis): the (batch, frames, channels) representation
+  before the projection too, which mask heads (`MaskHead`) mask and decode.
+  """
 
   channels: int
   kernel: int
@@ -84,14 +89,16 @@ class Encoder(nn.Module):
   width: int
   dtype: Any = jnp.float32
   frame_norm: bool = True  # False: no RMSNorm, each frame keeps its level (PressConfig).
+  with_basis: bool = False
 
   @nn.compact
-  def __call__(self, mixture: Float[Array, "batch samples"]) -> Float[Array, "batch frames width"]:
+  def __call__(self, mixture: Float[Array, "batch samples"]):
     frames = frame_signal(mixture, self.kernel, self.stride)
     hidden = nn.gelu(nn.Dense(self.channels, use_bias=False, dtype=self.dtype, name="conv")(frames))
     if self.frame_norm:
       hidden = nn.RMSNorm(name="norm")(hidden)
-    return nn.Dense(self.width, dtype=self.dtype, name="projection")(hidden)
+    latent = nn.Dense(self.width, dtype=self.dtype, name="projection")(hidden)
+    return (latent, hidden) if self.with_basis else latent
 
 
 class SpeakerSplit(nn.Module):
@@ -128,6 +135,32 @@ class WaveformHead(nn.Module):
     value, gate = jnp.split(nn.Dense(2 * width, dtype=self.dtype, name="glu")(hidden), 2, -1)
     frames = nn.Dense(self.kernel, dtype=self.dtype, name="transposed_conv")(
         value * jax.nn.sigmoid(gate))
+    return overlap_add(frames.astype(jnp.float32), self.stride, samples)
+
+
+class MaskHead(nn.Module):
+  """RMSNorm -> GLU -> Dense(channels) -> sigmoid mask on the encoder's basis -> transposed Conv1d.
+
+  The TasNet decoder (`PressConfig.waveform_head = "mask"`, beyond the paper): each stream
+  masks the encoder's (batch, frames, channels) representation of the mixture, and a transposed
+  convolution of this exit's own weights turns the masked frames into a waveform.
+  """
+
+  kernel: int
+  stride: int
+  dtype: Any = jnp.float32
+  frame_norm: bool = True
+
+  @nn.compact
+  def __call__(self, streams: Float[Array, "batch speakers frames width"],
+               basis: Float[Array, "batch frames channels"], samples: int):
+    width, channels = streams.shape[-1], basis.shape[-1]
+    hidden = nn.RMSNorm(name="norm")(streams) if self.frame_norm else streams
+    value, gate = jnp.split(nn.Dense(2 * width, dtype=self.dtype, name="glu")(hidden), 2, -1)
+    mask = jax.nn.sigmoid(nn.Dense(channels, dtype=self.dtype, name="mask")(
+        value * jax.nn.sigmoid(gate)))
+    frames = nn.Dense(self.kernel, use_bias=False, dtype=self.dtype, name="transposed_conv")(
+        mask * basis[:, None].astype(mask.dtype))
     return overlap_add(frames.astype(jnp.float32), self.stride, samples)
 
 
@@ -178,11 +211,14 @@ class StageGroup(nn.Module):
   # Which of the group's stages to run (the dynamic path runs them one at a time, each on the
   # previous one's streams); None runs them all. Parameter names do not depend on it.
   positions: tuple[int, ...] | None = None
+  # Which exit heads to run: 'all'; 'variance' (no waveform head: mean is None), for stages
+  # whose streams and variances feed a later exit; 'none' (only the streams).
+  heads: str = "all"
 
   @nn.compact
   def __call__(self, streams, context):
     config = self.config
-    frame_mask, frame_block, frame_weight = context
+    frame_mask, frame_block, frame_weight, basis = context
     dtype = jnp.dtype(config.dtype)
     exits = []
     positions = range(config.stages_per_group) if self.positions is None else self.positions
@@ -200,11 +236,17 @@ class StageGroup(nn.Module):
               config.attention_heads, config.attention_ffn_hidden, config.layer_scale_init,
               dtype, name=f"stage{stage}_attention{attention_count}")(streams)
           attention_count += 1
-      mean = WaveformHead(config.encoder_kernel, config.encoder_stride, dtype,
-                          config.frame_norm, name=f"stage{stage}_waveform_head")(streams, self.samples)
-      log_var, log_alpha = VarianceHead(
-          config.variance_width, config.alpha_floor, config.variance_floor,
-          name=f"stage{stage}_variance_head")(streams, frame_block, frame_weight, self.blocks)
+      mean = log_var = log_alpha = None
+      if self.heads == "all" and config.waveform_head == "mask":
+        mean = MaskHead(config.encoder_kernel, config.encoder_stride, dtype, config.frame_norm,
+                        name=f"stage{stage}_waveform_head")(streams, basis, self.samples)
+      elif self.heads == "all":
+        mean = WaveformHead(config.encoder_kernel, config.encoder_stride, dtype, config.frame_norm,
+                            name=f"stage{stage}_waveform_head")(streams, self.samples)
+      if self.heads in ("all", "variance"):
+        log_var, log_alpha = VarianceHead(
+            config.variance_width, config.alpha_floor, config.variance_floor,
+            name=f"stage{stage}_variance_head")(streams, frame_block, frame_weight, self.blocks)
       exits.append((mean, log_var, log_alpha))
     stacked = jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *exits)
     return streams, stacked
@@ -245,8 +287,8 @@ class PressNet(nn.Module):
     config = self.config
     batch, samples = mixture.shape
     prepared = prepare_input(config, mixture, mask)
-    latent = make_encoder(config, name="encoder")(prepared.normalised)
-    context = frame_context(config, prepared.lengths, samples)
+    latent, basis = encode(config, make_encoder(config, name="encoder")(prepared.normalised))
+    context = stage_context(config, prepared.lengths, samples, basis)
     frame_mask = context[0]
 
     if config.encoder_blocks:
@@ -310,7 +352,35 @@ def finish_exits(config: config_lib.PressConfig, prepared: PreparedInput,
 
 def make_encoder(config: config_lib.PressConfig, **kwargs) -> Encoder:
   return Encoder(config.encoder_channels, config.encoder_kernel, config.encoder_stride,
-                 config.width, jnp.dtype(config.dtype), config.frame_norm, **kwargs)
+                 config.width, jnp.dtype(config.dtype), config.frame_norm,
+                 with_basis=config.waveform_head == "mask", **kwargs)
+
+
+def encode(config: config_lib.PressConfig, encoded):
+  """(latent, basis or None) from `make_encoder(config)`'s output."""
+  return encoded if config.waveform_head == "mask" else (encoded, None)
+
+
+def stage_context(config: config_lib.PressConfig, lengths, samples: int, basis):
+  """What every StageGroup reads besides the streams: `frame_context`'s three + the basis."""
+  return (*frame_context(config, lengths, samples), basis)
+
+
+def encode_and_split(config: config_lib.PressConfig, params, mixture, mask=None):
+  """Everything before the decoder stages, from a parameter tree (paths that run stages alone).
+
+  Returns (prepared input, stage context, streams (batch, speakers, frames, width)), the same
+  values PressNet computes before its scan over stage groups.
+  """
+  prepared = prepare_input(config, mixture, mask)
+  latent, basis = encode(config, make_encoder(config).apply({"params": params["encoder"]},
+                                                            prepared.normalised))
+  context = stage_context(config, prepared.lengths, mixture.shape[-1], basis)
+  if config.encoder_blocks:
+    latent, _ = make_encoder_stack(config).apply({"params": params["encoder_blocks"]}, latent,
+                                                 context[0])
+  streams = make_speaker_split(config).apply({"params": params["speaker_split"]}, latent)
+  return prepared, context, streams
 
 
 def make_encoder_stack(config: config_lib.PressConfig, scan_unroll=1, remat=False, **kwargs):
@@ -328,11 +398,12 @@ def make_speaker_split(config: config_lib.PressConfig, **kwargs) -> SpeakerSplit
 def frame_context(config: config_lib.PressConfig, lengths, samples: int):
   """Per-frame validity, block index and pooling weight, each (batch, frames)."""
   frames = num_frames(samples, config.encoder_kernel, config.encoder_stride)
-  start = (np.arange(frames) - (config.encoder_kernel // config.encoder_stride - 1)
-           ) * config.encoder_stride
-  centre = jnp.asarray(start + config.encoder_kernel // 2)[None, :]
+  # jnp.arange, so that `samples` may be a symbolic dimension (jax.export, press_jax/export).
+  start = (jnp.arange(frames, dtype=jnp.int32)
+           - (config.encoder_kernel // config.encoder_stride - 1)) * config.encoder_stride
+  centre = (start + config.encoder_kernel // 2)[None, :]
   last_valid = jnp.maximum(lengths - 1, 0).astype(jnp.int32)[:, None]
-  frame_mask = (jnp.asarray(start)[None, :] < lengths[:, None]).astype(jnp.float32)
+  frame_mask = (start[None, :] < lengths[:, None]).astype(jnp.float32)
   frame_block = jnp.clip(centre, 0, last_valid) // config.block_length
   blocks = num_blocks(samples, config.block_length)
   counts = jax.vmap(lambda m, b: jax.ops.segment_sum(m, b, num_segments=blocks))(

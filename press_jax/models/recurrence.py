@@ -26,6 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 RECURRENCE_IMPLEMENTATIONS = ("associative", "chunked", "sequential")
@@ -84,6 +85,11 @@ def _sequential(decay, drive, reverse, unroll=DEFAULT_UNROLL):
   return jax.lax.fori_loop(0, time, body, initial, unroll=unroll)[1]
 
 
+def _loop_unroll(time, unroll):
+  """fori_loop unrolls only loops of a static length; a symbolic one (jax.export) runs rolled."""
+  return unroll if isinstance(time, (int, np.integer)) else 1
+
+
 def _bidirectional_sequential_loops(decay, drive, unroll):
   """Both directions in one loop: frame i forwards and frame T-1-i backwards per step."""
   time = decay.shape[-2]
@@ -98,7 +104,8 @@ def _bidirectional_sequential_loops(decay, drive, unroll):
 
   zero = jnp.zeros_like(_time_slice(drive, 0))
   initial = (zero, zero, jnp.zeros_like(drive), jnp.zeros_like(drive))
-  _, _, forwards, backwards = jax.lax.fori_loop(0, time, body, initial, unroll=unroll)
+  _, _, forwards, backwards = jax.lax.fori_loop(0, time, body, initial,
+                                                unroll=_loop_unroll(time, unroll))
   return forwards, backwards
 
 
@@ -130,8 +137,8 @@ def _bidirectional_sequential_bwd(unroll, residuals, cotangents):
 
   zero = jnp.zeros_like(_time_slice(decay, 0))
   initial = (zero, zero, jnp.zeros_like(decay), jnp.zeros_like(decay))
-  _, _, forward_adjoints, backward_adjoints = jax.lax.fori_loop(0, time, body, initial,
-                                                                unroll=unroll)
+  _, _, forward_adjoints, backward_adjoints = jax.lax.fori_loop(
+      0, time, body, initial, unroll=_loop_unroll(time, unroll))
   grad_decay = (forward_adjoints * _shift_later(forwards)
                 + backward_adjoints * _shift_earlier(backwards))
   return grad_decay, forward_adjoints + backward_adjoints

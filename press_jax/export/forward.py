@@ -1,0 +1,90 @@
+"""One exit's forward pass, stage by stage, from the pieces PressNet itself is built of.
+
+`PressNet.__call__` runs every stage (nn.scan over stage groups). An exported per-exit graph
+must compute only what exit k needs (SPEC §4: encoder, the blocks up to exit k, its head), and
+`compute.truncated` cuts whole scan groups, which is not exit k when a group holds several
+stages (`PressConfig.stages_per_group > 1`). `forward_through_exit` runs the stages one at a
+time as press_jax/dynamic.py does: `press_net.StageGroup(..., positions=(position,))` on the
+group's parameters sliced from the stacked scan parameters, between the shared pieces
+`encode_and_split` (everything before the stages), `cumulative_exit_parameters` and
+`finish_exits`. No layer is written again here. The stages before exit k run without their
+waveform heads (`heads='none'`, or `'variance'` with cumulative exits, which need them).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Float
+
+from press_jax.models import press_net
+from press_jax.types import ExitOutputs
+
+
+def check_exit_number(config, exit_number: int) -> int:
+  """`exit_number` as an int in 1..config.exits, else ValueError."""
+  if isinstance(exit_number, bool) or int(exit_number) != exit_number \
+      or not 1 <= int(exit_number) <= config.exits:
+    raise ValueError(f"exit_number must be an integer in 1..{config.exits} (the model's exits), "
+                     f"got {exit_number!r}")
+  return int(exit_number)
+
+
+def stage_position(config, exit_number: int) -> tuple[int, int]:
+  """(scan group, stage inside the group) of 1-based exit `exit_number`."""
+  return divmod(exit_number - 1, config.stages_per_group)
+
+
+def group_params(params: Any, group: int) -> Any:
+  """One scan group's stage parameters: `params['stages']` sliced on its leading axis.
+
+  Concrete arrays are sliced at once (in numpy), so that a graph traced with the parameters as
+  constants embeds only the groups it uses, not the whole stack; traced ones are sliced in the
+  graph.
+  """
+  def take(leaf):
+    if isinstance(leaf, jax.core.Tracer):
+      return leaf[group]
+    return np.asarray(leaf)[group]
+
+  return jax.tree_util.tree_map(take, params["stages"])
+
+
+def forward_through_exit(
+    model: press_net.PressNet,
+    params: Any,
+    mixture: Float[Array, "batch samples"],
+    mask: Float[Array, "batch samples"] | None = None,
+    *,
+    exit_number: int,
+) -> ExitOutputs:
+  """Exit `exit_number` (1-based) of `model.apply({'params': params}, mixture, mask)`.
+
+  Returns ExitOutputs with a leading exit axis of length 1: mean (1, batch, speakers, samples),
+  log_var and log_alpha (1, batch, speakers, blocks). Runs the encoder, the encoder blocks, the
+  speaker split and the decoder stages 1..exit_number, nothing after.
+  """
+  config = model.config
+  exit_number = check_exit_number(config, exit_number)
+  samples = mixture.shape[-1]
+  prepared, context, streams = press_net.encode_and_split(config, params, mixture, mask)
+  blocks = press_net.num_blocks(samples, config.block_length)
+  variances = []  # Every stage's (log_var, log_alpha), each (1, batch, speakers, blocks).
+  for exit_index in range(1, exit_number + 1):
+    group, position = stage_position(config, exit_index)
+    # Earlier stages feed exit k their streams, and with cumulative exits their variances.
+    heads = ("all" if exit_index == exit_number
+             else "variance" if config.cumulative_exits else "none")
+    stage = press_net.StageGroup(config, samples, blocks, positions=(position,), heads=heads)
+    streams, (mean, log_var, log_alpha) = stage.apply(
+        {"params": group_params(params, group)}, streams, context)
+    if log_var is not None:
+      variances.append((log_var, log_alpha))
+  if config.cumulative_exits:
+    log_var, log_alpha = press_net.cumulative_exit_parameters(
+        jnp.concatenate([v for v, _ in variances]), jnp.concatenate([a for _, a in variances]))
+    log_var, log_alpha = log_var[-1:], log_alpha[-1:]
+  return press_net.finish_exits(config, prepared, mean, log_var, log_alpha)
