@@ -10,6 +10,7 @@ import pytest
 from press_jax import calibration as calibration_lib
 from press_jax import dynamic
 from press_jax.models import press_net
+from tests import model_util
 
 # (name, overrides): one stage per scan step, and three stages per scan step (the demo's
 # layout: one RNN block per exit, attention after the third), the same with mask heads, and
@@ -37,13 +38,7 @@ CONFIGS = {
 
 
 def model_and_params(name, seed=0):
-  model = press_net.create("tiny", **CONFIGS[name])
-  params = press_net.init_params(model, jax.random.key(seed), samples=800)
-  # Random heads and larger residual branches so that exits differ from each other.
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [leaf + 0.3 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)]
-  return model, jax.tree_util.tree_unflatten(treedef, leaves)
+  return model_util.randomised_model(CONFIGS[name], seed)
 
 
 def mixtures(batch=2, samples=2600, seed=0):

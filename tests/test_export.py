@@ -24,6 +24,7 @@ from press_jax.export import directory as export_dir
 from press_jax.export import exit_rule_numpy, params as params_lib, stablehlo
 from press_jax.export.forward import forward_through_exit
 from press_jax.models import press_net
+from tests import model_util
 from press_jax.types import ExitOutputs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,17 +45,10 @@ CONFIGS = {
     "cumulative_one_stage": dict(TINY, encoder_blocks=0, decoder_blocks=2, exits=2,
                                  attention_every=1, cumulative_exits=True),
 }
-SMALL = dict(TINY, encoder_blocks=1, decoder_blocks=2, exits=2, attention_every=2)
 
 
 def model_and_params(name, seed=0):
-  model = press_net.create("tiny", **CONFIGS[name])
-  params = press_net.init_params(model, jax.random.key(seed), samples=800)
-  # Random heads and larger residual branches so that exits differ from each other.
-  leaves, treedef = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
-  leaves = [leaf + 0.3 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)]
-  return model, jax.tree_util.tree_unflatten(treedef, leaves)
+  return model_util.randomised_model(CONFIGS[name], seed)
 
 
 def inputs(batch=2, samples=2237, seed=0):
@@ -332,11 +326,7 @@ def test_exit_rule_file_runs_without_jax(tmp_path):
 # --- the CLI ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-  directory = tmp_path_factory.mktemp("model")
-  model = press_net.create("tiny", **SMALL)
-  params = press_net.init_params(model, jax.random.key(0))
-  press_net.save(str(directory), model, params)
-  return str(directory)
+  return model_util.save_small_model(str(tmp_path_factory.mktemp("model")))
 
 
 def run_cli(capsys, *argv):

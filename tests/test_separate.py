@@ -13,19 +13,14 @@ import soundfile
 from press_jax import dynamic, model_dir, separation
 from press_jax.cli import separate as cli
 from press_jax.models import press_net
+from tests import model_util
 
-SMALL = dict(width=16, encoder_blocks=1, decoder_blocks=2, exits=2, attention_every=2,
-             attention_heads=2, rnn_expansion=1.0, ffn_expansion=1.0,
-             attention_ffn_expansion=1.0, encoder_channels=16, block_length=400)
+SMALL = model_util.SMALL
 
 
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
-  directory = tmp_path_factory.mktemp("model")
-  model = press_net.create("tiny", **SMALL)
-  params = press_net.init_params(model, jax.random.key(0))
-  press_net.save(str(directory), model, params)
-  return str(directory)
+  return model_util.save_small_model(str(tmp_path_factory.mktemp("model")))
 
 
 def write_wav(path, signal, rate, subtype="FLOAT"):

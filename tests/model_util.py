@@ -1,0 +1,33 @@
+"""Small PRESS-Nets for tests: randomised parameters, and a saved model on disk."""
+
+from __future__ import annotations
+
+import jax
+
+from press_jax.models import press_net
+
+# Two exits after one encoder block; what the file-level tests separate and export with.
+SMALL = dict(width=16, encoder_blocks=1, decoder_blocks=2, exits=2, attention_every=2,
+             attention_heads=2, rnn_expansion=1.0, ffn_expansion=1.0,
+             attention_ffn_expansion=1.0, encoder_channels=16, block_length=400)
+
+
+def randomised_model(overrides: dict, seed: int = 0, samples: int = 800):
+  """(model, params) of the tiny preset with `overrides`, every parameter perturbed.
+
+  Random heads and larger residual branches (LayerScale starts at 1e-5), so that the exits
+  differ from each other.
+  """
+  model = press_net.create("tiny", **overrides)
+  params = press_net.init_params(model, jax.random.key(seed), samples=samples)
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+  leaves = [leaf + 0.3 * jax.random.normal(key, leaf.shape) for leaf, key in zip(leaves, keys)]
+  return model, jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def save_small_model(directory: str) -> str:
+  """Writes the SMALL model with its initial parameters to `directory`; returns it."""
+  model = press_net.create("tiny", **SMALL)
+  press_net.save(directory, model, press_net.init_params(model, jax.random.key(0)))
+  return directory
