@@ -388,7 +388,8 @@ def measure_parts(setup: Setup, recurrence: str, repeats: int, seed: int) -> dic
   add("encoder", f"({batch}, {samples})", 1, timed(
       _module(press_net.Encoder, config, channels=config.encoder_channels,
               kernel=config.encoder_kernel, stride=config.encoder_stride, width=width,
-              dtype=dtype), (), (normal(batch, samples),)))  # No gradient to the mixture.
+              dtype=dtype, with_basis=config.waveform_head == "mask"),
+      (), (normal(batch, samples),)))  # No gradient to the mixture.
   add("speaker_split", f"({batch}, {frames}, {width})", 1, timed(
       _module(press_net.SpeakerSplit, config, speakers=speakers, dtype=dtype),
       (normal(batch, frames, width),)))
@@ -423,10 +424,17 @@ def measure_parts(setup: Setup, recurrence: str, repeats: int, seed: int) -> dic
     add("speaker_attention", label, counts["attention"], timed(
         _module(layers.SpeakerAttention, config, heads=config.attention_heads, dtype=dtype),
         (normal(*stream_shape),)))
-  add("waveform_heads", label, counts["exits"], timed(
-      _module(press_net.WaveformHead, config, kernel=config.encoder_kernel,
-              stride=config.encoder_stride, dtype=dtype),
-      (normal(*stream_shape),), static=(samples,)))
+  if config.waveform_head == "mask":
+    add("waveform_heads", f"mask heads {label}", counts["exits"], timed(
+        _module(press_net.MaskHead, config, kernel=config.encoder_kernel,
+                stride=config.encoder_stride, dtype=dtype),
+        (normal(*stream_shape), normal(batch, frames, config.encoder_channels)),
+        static=(samples,)))
+  else:
+    add("waveform_heads", label, counts["exits"], timed(
+        _module(press_net.WaveformHead, config, kernel=config.encoder_kernel,
+                stride=config.encoder_stride, dtype=dtype),
+        (normal(*stream_shape),), static=(samples,)))
   lengths = jnp.full((batch,), float(samples))
   _, frame_block, frame_weight = press_net.frame_context(config, lengths, samples)
   add("variance_heads", label, counts["exits"], timed(
