@@ -193,6 +193,7 @@ def make_train_iterator(
     config: str | tfds.core.BuilderConfig | None = None,
     dynamic_mixing: bool | None = None,
     gain_db: float = 2.5,
+    speed_perturbation: float = 0.0,
     shuffle: bool = True,
     num_epochs: int | None = None,
     process_index: int | None = None,
@@ -217,6 +218,9 @@ def make_train_iterator(
     dynamic_mixing: remix sources on the fly (see transforms.DynamicMix).
       None: on for datasets whose metadata asks for it (dns_challenge).
     gain_db: random source gain range of separation remixing.
+    speed_perturbation: s in [0, 0.5): speed (pitch and tempo) changed by a
+      factor uniform in [1 - s, 1 + s] (transforms.change_speed), per source
+      with dynamic mixing, per example (all waveforms alike) without.
     shuffle: shuffle examples (reshuffled every epoch).
     num_epochs: None to repeat forever.
     process_index: this host (default: jax.process_index()).
@@ -235,6 +239,9 @@ def make_train_iterator(
   metadata = info.metadata or {}
   sample_rate = int(metadata.get('sample_rate') or source[0]['sample_rate'])
   crop_samples = int(round(crop_seconds * sample_rate))
+  if not 0.0 <= speed_perturbation < 0.5:
+    raise ValueError(f'speed_perturbation must be in [0, 0.5), got '
+                     f'{speed_perturbation}.')
   if dynamic_mixing is None:
     dynamic_mixing = bool(metadata.get('dynamic_mixing_default', False))
   if dynamic_mixing and not metadata.get('mixture_is_sum', True):
@@ -256,11 +263,11 @@ def make_train_iterator(
     remix = transforms.DynamicMix(
         source=source, crop_samples=crop_samples,
         enhancement=metadata.get('task') == 'enhancement', gain_db=gain_db,
-        snr_range_db=snr_range)
+        snr_range_db=snr_range, speed_perturbation=speed_perturbation)
     dataset = dataset.random_map(remix, seed=seed)
   else:
-    dataset = dataset.random_map(transforms.RandomCrop(crop_samples),
-                                 seed=seed)
+    dataset = dataset.random_map(
+        transforms.RandomCrop(crop_samples, speed_perturbation), seed=seed)
   dataset = dataset.batch(batch_size, drop_remainder=True)
   dataset = dataset.map(transforms.SplitDevices(topology.num_devices))
   iterable = dataset.to_iter_dataset(

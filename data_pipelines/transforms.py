@@ -11,6 +11,7 @@ from typing import Any
 
 import grain
 import numpy as np
+import soxr
 
 Example = dict[str, np.ndarray]
 
@@ -59,6 +60,54 @@ def crop_example(example: Example, crop_samples: int,
   }
 
 
+def change_speed(waveform: np.ndarray, factor: float) -> np.ndarray:
+  """`waveform` (..., samples) played `factor` times faster (pitch and tempo).
+
+  Speed perturbation as Kaldi's and WHAM!'s recipes do it: the samples are
+  read as if recorded at factor × the rate and resampled (soxr) back to the
+  rate, so the length becomes round(samples / factor). Linear in the waveform:
+  the sum of changed sources is the changed sum.
+  """
+  if factor == 1.0:
+    return waveform
+  flat = waveform.reshape(-1, waveform.shape[-1]).T  # (samples, channels)
+  changed = soxr.resample(np.ascontiguousarray(flat, np.float32), factor, 1.0,
+                          quality='HQ')
+  return np.ascontiguousarray(changed.T).reshape(*waveform.shape[:-1], -1)
+
+
+def random_speed(max_change: float, rng: np.random.Generator) -> float:
+  """A speed factor uniform in [1 - max_change, 1 + max_change]."""
+  if max_change == 0.0:
+    return 1.0
+  return float(rng.uniform(1.0 - max_change, 1.0 + max_change))
+
+
+def _speed_changed_crop(waveform: np.ndarray, crop_samples: int,
+                        factor: float, rng: np.random.Generator
+                        ) -> tuple[np.ndarray, int]:
+  """A random crop of `waveform` (..., samples) after changing its speed.
+
+  Only the stretch the crop needs (plus a margin for the resampler's edges)
+  is resampled. Returns the crop and its number of valid samples.
+  """
+  num_samples = waveform.shape[-1]
+  if factor == 1.0:
+    start = random_start(num_samples, crop_samples, rng)
+    return (crop_or_pad(waveform, start, crop_samples),
+            min(num_samples - start, crop_samples))
+  margin = 64
+  needed = int(np.ceil((crop_samples + 2 * margin) * factor)) + 1
+  start = random_start(num_samples, needed, rng)
+  piece = change_speed(waveform[..., start:start + needed], factor)
+  lead = margin if start > 0 else 0  # Keep the true beginning of the signal.
+  valid = max(min(piece.shape[-1] - lead, crop_samples), 0)
+  if start + needed < num_samples:  # More signal follows: drop the tail edge.
+    valid = min(valid, max(piece.shape[-1] - lead - margin, 0))
+  crop = crop_or_pad(piece[..., lead:lead + valid], 0, crop_samples)
+  return crop, valid
+
+
 @dataclasses.dataclass(frozen=True)
 class ToWaveforms(grain.transforms.Map):
   """Keeps the float waveforms of a record (drops ids and scalars)."""
@@ -69,12 +118,33 @@ class ToWaveforms(grain.transforms.Map):
 
 @dataclasses.dataclass(frozen=True)
 class RandomCrop(grain.transforms.RandomMap):
-  """Random fixed-length crops; short examples are zero-padded (mask 0)."""
+  """Random fixed-length crops; short examples are zero-padded (mask 0).
+
+  With `speed_perturbation` s > 0 the whole example (mixture, sources, noise)
+  is first sped up by one factor uniform in [1 - s, 1 + s] (change_speed), so
+  the mixture stays the sum of the sources.
+  """
 
   crop_samples: int
+  speed_perturbation: float = 0.0
 
   def random_map(self, element, rng: np.random.Generator):
-    return crop_example(element, self.crop_samples, rng)
+    factor = random_speed(self.speed_perturbation, rng)
+    if factor == 1.0:
+      return crop_example(element, self.crop_samples, rng)
+    keys = [key for key in ('mixture', 'sources', 'noise') if key in element]
+    stacked = np.concatenate([element[key].reshape(-1, element[key].shape[-1])
+                              for key in keys])
+    crop, valid = _speed_changed_crop(stacked, self.crop_samples, factor, rng)
+    example, row = {}, 0
+    for key in keys:
+      rows = 1 if element[key].ndim == 1 else element[key].shape[0]
+      example[key] = crop[row:row + rows].reshape(
+          *element[key].shape[:-1], self.crop_samples)
+      row += rows
+    example.pop('noise', None)
+    example['mask'] = valid_mask(valid, self.crop_samples)
+    return example
 
 
 def _power(waveform: np.ndarray) -> float:
@@ -88,7 +158,9 @@ class DynamicMix(grain.transforms.RandomMap):
 
   Separation: source 1 (and the noise, if any) of this example is mixed with a
   random source of a random other example, each cropped independently and
-  scaled by a random gain in [-gain_db, gain_db] dB.
+  scaled by a random gain in [-gain_db, gain_db] dB and, with
+  `speed_perturbation` s > 0, sped up by its own factor uniform in
+  [1 - s, 1 + s] (change_speed: pitch and tempo, as in WHAM!'s recipes).
   Enhancement (sources = speech, noise): the speech is mixed with the noise of
   a random other example at an SNR drawn from snr_range_db.
   The mixture is always the sum of the returned sources (and noise).
@@ -99,6 +171,7 @@ class DynamicMix(grain.transforms.RandomMap):
     enhancement: whether the sources are (speech, noise).
     gain_db: gain range of the separation sources.
     snr_range_db: (low, high) SNR range for enhancement.
+    speed_perturbation: maximum relative speed change of each speech source.
   """
 
   source: Sequence[Mapping[str, Any]]
@@ -106,20 +179,29 @@ class DynamicMix(grain.transforms.RandomMap):
   enhancement: bool = False
   gain_db: float = 2.5
   snr_range_db: tuple[float, float] = (0.0, 40.0)
+  speed_perturbation: float = 0.0
 
   def random_map(self, element, rng: np.random.Generator):
     crop = self.crop_samples
     num_samples = element['mixture'].shape[-1]
     start = random_start(num_samples, crop, rng)
-    first = crop_or_pad(element['sources'][0], start, crop)  # (crop,)
-    mask = valid_mask(num_samples - start, crop)
+    if 'noise' in element or self.speed_perturbation == 0.0:
+      # The noise stays aligned with source 1, so source 1 keeps its speed.
+      first = crop_or_pad(element['sources'][0], start, crop)  # (crop,)
+      first_valid = num_samples - start
+    else:
+      first, first_valid = _speed_changed_crop(
+          element['sources'][0], crop, random_speed(self.speed_perturbation, rng),
+          rng)
+    mask = valid_mask(first_valid, crop)
     partner = self.source[int(rng.integers(len(self.source)))]
     partner_index = 1 if self.enhancement else int(rng.integers(2))
     partner_waveform = np.asarray(partner['sources'][partner_index], np.float32)
-    partner_start = random_start(len(partner_waveform), crop, rng)
-    second = crop_or_pad(partner_waveform, partner_start, crop)  # (crop,)
-    mask = np.maximum(mask, valid_mask(len(partner_waveform) - partner_start,
-                                       crop))
+    partner_speed = (1.0 if self.enhancement
+                     else random_speed(self.speed_perturbation, rng))
+    second, second_valid = _speed_changed_crop(partner_waveform, crop,
+                                               partner_speed, rng)  # (crop,)
+    mask = np.maximum(mask, valid_mask(second_valid, crop))
     if self.enhancement:
       sources = self._at_random_snr(first, second, rng)
       mixture = sources.sum(0)

@@ -26,6 +26,7 @@ class DataConfig:
   manual_dir: str | None = None  # The user's corpus directory (not for press_synth)
   crop_seconds: float = 4.0
   dynamic_mixing: bool | None = None  # None: the dataset's default
+  speed_perturbation: float = 0.0  # Max relative speed change of training sources (0: off)
   validation_split: str = "validation"
   test_split: str = "test"
   bucket_seconds: tuple[float, ...] = (3.0, 4.5, 6.0, 8.0)

@@ -106,6 +106,26 @@ def test_dynamic_mixing_remixes_sources(data_dir):
   assert not np.array_equal(remixed['mixture'], plain['mixture'])
 
 
+@pytest.mark.parametrize('dynamic_mixing', [False, True])
+def test_speed_perturbation_keeps_the_mixture_the_sum(data_dir, dynamic_mixing):
+  plain = next(train_iterator(data_dir, dynamic_mixing=dynamic_mixing))
+  perturbed = next(train_iterator(data_dir, dynamic_mixing=dynamic_mixing,
+                                  speed_perturbation=0.15))
+  assert perturbed['sources'].shape == plain['sources'].shape
+  np.testing.assert_allclose(perturbed['sources'].sum(2),
+                             perturbed['mixture'], atol=1e-5)
+  assert not np.allclose(perturbed['mixture'], plain['mixture'])
+  # Padding (mask 0) stays silent.
+  silent = np.broadcast_to(perturbed['mask'][:, :, None] == 0,
+                           perturbed['sources'].shape)
+  assert np.all(perturbed['sources'][silent] == 0)
+
+
+def test_speed_perturbation_out_of_range_is_refused(data_dir):
+  with pytest.raises(ValueError, match='speed_perturbation must be in'):
+    train_iterator(data_dir, speed_perturbation=0.7)
+
+
 def test_one_epoch_visits_every_example_once(data_dir):
   iterator = train_iterator(data_dir, batch_size_per_device=1, num_devices=1,
                             num_epochs=1, crop_seconds=7.0)
