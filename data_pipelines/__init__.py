@@ -25,6 +25,7 @@ _EXPORTS = {
     'make_eval_iterator': 'data_pipelines.loaders',
     'make_full_length_iterator': 'data_pipelines.loaders',
     'make_train_iterator': 'data_pipelines.loaders',
+    'open_split': 'data_pipelines.loaders',
     'build_dataset': 'data_pipelines.registry',
     'load_builder': 'data_pipelines.registry',
     'resolve_data_dir': 'data_pipelines.registry',

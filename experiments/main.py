@@ -24,6 +24,7 @@ import os
 import time
 
 import jax
+import numpy as np
 
 import data_pipelines
 from experiments import configs, plots
@@ -62,6 +63,13 @@ def eval_iterator_factory(data: configs.DataConfig, split: str, max_batches: int
       yield batch
 
   return make
+
+
+def first_mixture(data: configs.DataConfig, split: str):
+  """The first utterance's mixture (samples,) of `split`, unpadded (for the exit map)."""
+  source, _, _ = data_pipelines.open_split(data.dataset, data.data_dir, split,
+                                           config=data.builder_config, manual_dir=data.manual_dir)
+  return np.asarray(source[0]["mixture"], np.float32)
 
 
 def run_training(experiment: configs.ExperimentConfig, workdir: str) -> str:
@@ -222,6 +230,10 @@ def run(experiment: configs.ExperimentConfig, workdir: str) -> dict:
     save_final_model(model_dir, os.path.join(workdir, "model"))
     results_path = write_results(workdir, summary)
     plot_paths = plots.plot_run(workdir, summary)
+    plot_paths.append(os.path.join(workdir, plots.PLOT_DIR, "exit_map.png"))
+    plots.exit_map_of_mixture(os.path.join(workdir, "model"),
+                              first_mixture(experiment.data, experiment.data.test_split),
+                              plot_paths[-1])
     print(format_report(summary))
     print(f"\nresults:     {results_path}\nevaluation:  {os.path.join(workdir, 'evaluation.json')}"
           f"\ncheckpoints: {os.path.join(workdir, 'train', 'checkpoints')}, "

@@ -1,4 +1,5 @@
-"""Figures of a run: learning curve, SI-SNRi and regret vs GMAC/s, PIT calibration histograms.
+"""Figures of a run: learning curve, SI-SNRi and regret vs GMAC/s, PIT calibration histograms,
+and the exit map of one test mixture (the paper's Fig. 1).
 
 Run on a finished work directory:
   python -m experiments.plots runs/demo
@@ -17,6 +18,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 PLOT_DIR = "plots"
+EXIT_MAP_POLICY = {"target_db": 5.0, "confidence": 0.9}  # The exit map's rule (README's example).
 
 
 def _history(workdir: str, stage: str) -> list[dict]:
@@ -122,6 +124,25 @@ def calibration(summary: dict, path: str) -> None:
   figure.tight_layout()
   figure.savefig(path, dpi=110)
   plt.close(figure)
+
+
+def exit_map_of_mixture(model_directory: str, mixture: np.ndarray, path: str) -> dict:
+  """Separates `mixture` (samples,) with the dynamic rule and draws its exit map at `path`.
+
+  The rule is EXIT_MAP_POLICY (t = 5 dB, p = 0.9) with the stored post-calibration, if any, on
+  press-separate's path (`separation.separate`: 4 s chunks, the while loop). Returns the
+  separation report (per block: start_s, exit, probability).
+  """
+  from press_jax import model_dir, plots, separation  # pylint: disable=import-outside-toplevel
+
+  loaded = model_dir.load(model_directory)
+  settings = separation.SeparationSettings(**EXIT_MAP_POLICY)
+  _, report = separation.separate(loaded.model, loaded.params, mixture, settings,
+                                  loaded.calibration)
+  config = loaded.model.config
+  plots.exit_map(mixture, config.sample_rate, report["blocks"],
+                 config.block_length / config.sample_rate, config.exits, path)
+  return report
 
 
 def plot_run(workdir: str, summary: dict) -> list[str]:

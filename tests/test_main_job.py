@@ -34,7 +34,7 @@ def check_outputs(workdir, summary, test_utterances):
   assert summary["utterances"] == test_utterances
   assert all(0.0 <= e["silent_stream_fraction"] <= 1.0 for e in summary["per_exit"])
   for name in ("evaluation.json", "plots/learning_curve.png", "plots/quality_vs_compute.png",
-               "plots/calibration.png",
+               "plots/calibration.png", "plots/exit_map.png",
                "train/train_history.json", "finetune/train_history.json",
                "model/config.json", "model/params.msgpack"):
     assert os.path.isfile(os.path.join(workdir, name)), name
