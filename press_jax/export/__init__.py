@@ -6,7 +6,7 @@
 - `exit_rule_numpy`: the exit rule in numpy + scipy, copied into every export directory.
 - `directory.write_export`: an export directory, as `press-export` writes it.
 
-ONNX and a PyTorch port are not built.
+ONNX is not built; `press_jax.torch_port` is the PyTorch port that runs the safetensors export.
 """
 
 from press_jax.export.forward import forward_through_exit
