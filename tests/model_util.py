@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 
 from press_jax.models import press_net
 
@@ -31,3 +32,16 @@ def save_small_model(directory: str) -> str:
   model = press_net.create("tiny", **SMALL)
   press_net.save(directory, model, press_net.init_params(model, jax.random.key(0)))
   return directory
+
+
+def padded_mixture(batch: int, samples: int, seed: int = 0, shortening: int = 300):
+  """(mixture, mask), both (batch, samples) float32: a tone plus noise, item k ending
+  shortening * k + 17 samples early (padding at the end, as the loaders pad)."""
+  rng = np.random.default_rng(seed)
+  time = np.arange(samples) / 8000.0
+  mixture = (np.sin(2 * np.pi * 220 * time)[None] * rng.uniform(0.1, 1.0, (batch, 1))
+             + 0.3 * rng.standard_normal((batch, samples))).astype(np.float32)
+  mask = np.ones((batch, samples), np.float32)
+  for item in range(1, batch):
+    mask[item, samples - min(samples - 1, shortening * item + 17):] = 0.0
+  return mixture, mask

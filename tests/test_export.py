@@ -53,14 +53,7 @@ def model_and_params(name, seed=0):
 
 def inputs(batch=2, samples=2237, seed=0):
   """A mixture and a mask whose later items end earlier (padding at the end)."""
-  rng = np.random.default_rng(seed)
-  time = np.arange(samples) / 8000.0
-  mixture = (np.sin(2 * np.pi * 220 * time)[None] * rng.uniform(0.1, 1.0, (batch, 1))
-             + 0.3 * rng.standard_normal((batch, samples))).astype(np.float32)
-  mask = np.ones((batch, samples), np.float32)
-  for item in range(1, batch):
-    mask[item, samples - min(samples - 1, 300 * item + 17):] = 0.0
-  return mixture, mask
+  return model_util.padded_mixture(batch, samples, seed)
 
 
 def max_difference(a, b):

@@ -30,6 +30,7 @@ from press_jax.models import press_net
 from press_jax.torch_port import likelihoods as torch_likelihoods
 from press_jax.torch_port import recurrence as torch_recurrence
 from press_jax.types import ExitOutputs
+from tests import model_util
 
 # On 2 busy cores torch's intra-op threads wait on each other (2 threads ran preset S 7x slower
 # than 1 here); the tests run torch on one.
@@ -69,14 +70,7 @@ def perturbed(flat: dict[str, np.ndarray], seed: int = 1) -> dict[str, np.ndarra
 
 def inputs(samples: int, batch: int = 2, seed: int = 0):
   """A mixture and a mask whose later items end earlier (padding at the end)."""
-  rng = np.random.default_rng(seed)
-  time = np.arange(samples) / 8000.0
-  mixture = (np.sin(2 * np.pi * 220 * time)[None] * rng.uniform(0.1, 1.0, (batch, 1))
-             + 0.3 * rng.standard_normal((batch, samples))).astype(np.float32)
-  mask = np.ones((batch, samples), np.float32)
-  for item in range(1, batch):
-    mask[item, samples - (1234 * item + 17):] = 0.0
-  return mixture, mask
+  return model_util.padded_mixture(batch, samples, seed, shortening=1234)
 
 
 def relative_difference(got, expected) -> tuple[float, float]:
