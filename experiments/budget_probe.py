@@ -17,9 +17,7 @@ import os
 import time
 
 from experiments import configs, main
-from press_jax import checkpointing
-from press_jax import train as train_lib
-from press_jax import train_step as step_lib
+from press_jax import checkpointing, evaluation
 
 
 def probe(experiment: configs.ExperimentConfig, workdir: str, seconds: float) -> dict:
@@ -31,16 +29,15 @@ def probe(experiment: configs.ExperimentConfig, workdir: str, seconds: float) ->
   stage_dir = main.run_training(experiment, workdir)
   train_seconds = time.perf_counter() - started
   model, params = checkpointing.load_model(stage_dir)
-  mesh = step_lib.data_mesh()
   data = experiment.data
-  result = train_lib.evaluate(
-      params, main.eval_iterator_factory(data, data.validation_split,
-                                         data.max_validation_batches),
-      mesh, model, step_lib.parallel_eval_step(mesh, model))
+  # The trainer's validation: the one evaluator, exits only.
+  result = evaluation.Evaluator(model, policy=None, with_calibration=False).run(
+      main.eval_iterator_factory(data, data.validation_split, data.max_validation_batches)(),
+      params=params)
   return {"steps": checkpointing.make_manager(stage_dir).latest_step(),
           "train_s": round(train_seconds, 1),
           "validation_utterances": result["utterances"],
-          "validation_si_snri_db": [round(v, 3) for v in result["si_snr_improvement"]]}
+          "validation_si_snri_db": [round(e["si_snri_db"], 3) for e in result["per_exit"]]}
 
 
 def main_cli(argv=None):

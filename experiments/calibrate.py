@@ -15,10 +15,10 @@ post-calibration. Writes the table to <workdir>/calibration.json.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 
 from experiments import configs, main
@@ -29,12 +29,9 @@ def evaluate_split(experiment, loaded, split, max_batches, post_calibration=None
   """(Evaluator summary's per-exit calibration, the evaluator) of one model on one split."""
   costs = compute.exit_costs(loaded.model.config)
   evaluator = evaluation.Evaluator(
-      loaded.model, loaded.params, [c.gmac_per_s for c in costs],
-      dataclasses.replace(experiment.policy, target_dbs=(10.0,)), with_sdr=False,
-      post_calibration=post_calibration)
-  for batch in main.eval_iterator_factory(experiment.data, split, max_batches)():
-    evaluator.add(batch)
-  summary = evaluator.summary()
+      loaded.model, loaded.params, [c.gmac_per_s for c in costs], policy=None,
+      with_sdr=False, post_calibration=post_calibration)  # Exits and calibration only.
+  summary = evaluator.run(main.eval_iterator_factory(experiment.data, split, max_batches)())
   return [{"exit": e["exit"], "pit_ks": e["calibration"]["pit_ks"],
            "crps_db": e["calibration"]["crps_db"], "si_snri_db": e["si_snri_db"]}
           for e in summary["per_exit"]], evaluator
@@ -87,7 +84,9 @@ def main_cli(argv=None):
       statistics["error_energy"], statistics["count"], statistics["log_var"],
       statistics["log_alpha"], per_exit=not args.shared)
   path = os.path.join(loaded.directory, model_dir.POST_CALIBRATION_FILE)
-  calibration.save_post_calibration(path, fitted)
+  lead_host = jax.process_index() == 0  # Every host fits the same factors (gathered blocks).
+  if lead_host:
+    calibration.save_post_calibration(path, fitted)
   models.append(("final + post-calibration", raw, fitted))
   for name, model, factors in models:
     for split in (data.validation_split, data.test_split):
@@ -96,6 +95,8 @@ def main_cli(argv=None):
   table = {"post_calibration": fitted.to_dict(), "path": path, "rows": rows}
   out = os.path.join(args.model_dir if os.path.isdir(args.model_dir) else loaded.directory,
                      "calibration.json")
+  if not lead_host:
+    return table
   with open(out, "w") as handle:
     json.dump(table, handle, indent=1)
   print(format_table(rows))

@@ -6,6 +6,8 @@ Run (the validation/test comparison in the README, "What a larger budget does"):
 Prints the report the main job prints for its test split and writes the full summary to --out
 (default <model-dir>/evaluation_<split>.json). The data settings (dataset, builder config,
 buckets, exit policies) come from --config and --set; the model from the checkpoint.
+Multi-host: pass --coordinator-address/--num-processes/--process-id (or the JAX_* variables);
+every host evaluates its shard and process 0 writes the summary of the whole split.
 """
 
 from __future__ import annotations
@@ -14,8 +16,10 @@ import argparse
 import json
 import os
 
+import jax
+
 from experiments import configs, main
-from press_jax import model_dir
+from press_jax import distributed, model_dir
 
 
 def main_cli(argv=None):
@@ -29,7 +33,12 @@ def main_cli(argv=None):
                       help="evaluate at most this many batches (default: the whole split)")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
   parser.add_argument("--out", help="summary JSON (default <model-dir>/evaluation_<split>.json)")
+  parser.add_argument("--coordinator-address")
+  parser.add_argument("--num-processes", type=int)
+  parser.add_argument("--process-id", type=int)
   args = parser.parse_args(argv)
+  distributed.initialize_from_flags_or_environment(
+      args.coordinator_address, args.num_processes, args.process_id)
   try:
     model_dir.resolve(args.model_dir)
   except model_dir.ModelDirError as error:
@@ -40,6 +49,8 @@ def main_cli(argv=None):
   main.build_data(experiment.data)
   summary = main.run_evaluation(experiment, args.model_dir, args.split, args.max_batches)
   out = args.out or os.path.join(args.model_dir, f"evaluation_{args.split}.json")
+  if jax.process_index() != 0:  # Every host holds the same summary of the whole split.
+    return summary
   with open(out, "w") as handle:
     json.dump(summary, handle, indent=1)
   print(main.format_report(summary))

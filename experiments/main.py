@@ -12,6 +12,8 @@ checkpoint. Outputs in the work directory:
   evaluation.json        everything measured (per-exit SI-SNR/SDRi, exit policies, regret)
   plots/                 learning curve, SI-SNRi vs GMAC/s, regret vs GMAC/s
 Multi-host: pass --coordinator-address/--num-processes/--process-id (or the JAX_* variables).
+Every host evaluates its shard of each split; the summary (the same on every host, written by
+process 0) covers the whole split (press_jax.evaluation, docs/training.md "Evaluation").
 """
 
 from __future__ import annotations

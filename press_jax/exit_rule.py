@@ -384,7 +384,14 @@ def oracle_policy(
     target_db: float | jax.Array,
 ) -> Int[Array, "batch blocks"]:
   """First exit whose true block SNR is >= t for every speaker, else the last exit."""
-  block_snr = block_exit_snr(outputs, targets, mask, block_length)
+  return oracle_from_block_snr(block_exit_snr(outputs, targets, mask, block_length), target_db)
+
+
+def oracle_from_block_snr(
+    block_snr: Float[Array, "exits batch speakers blocks"],
+    target_db: float | jax.Array,
+) -> Int[Array, "batch blocks"]:
+  """oracle_policy given the true block SNRs (block_exit_snr), e.g. computed once per batch."""
   num_exits = block_snr.shape[0]
   is_last = (jnp.arange(num_exits) == num_exits - 1)[:, None, None]
   accepted = (jnp.min(block_snr, axis=2) >= target_db) | is_last

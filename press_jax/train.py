@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from press_jax import checkpointing, likelihoods, optim, summary
+from press_jax import checkpointing, evaluation, likelihoods, optim, summary
 from press_jax import config as config_lib
 from press_jax import train_step as step_lib
 from press_jax.models import press_net
@@ -102,24 +102,16 @@ class NonFiniteTrainingError(RuntimeError):
   """Too many consecutive steps had a non-finite loss or gradient."""
 
 
-def evaluate(params, make_eval_iterator: Callable[[], Iterator], mesh, model,
-             eval_fn: Callable | None = None) -> dict[str, Any]:
-  """Per-exit mean PIT SI-SNR and SI-SNRi (dB) over a finite iterator.
+def validate(evaluator, params, make_eval_iterator: Callable[[], Iterator]) -> dict[str, Any]:
+  """Per-exit mean PIT SI-SNR and SI-SNRi (dB) over a finite iterator: a history row's 'eval'.
 
-  Pass the same `eval_fn` (`step_lib.parallel_eval_step(mesh, model)`) to repeated calls: a new
-  one is traced and compiled again on every call.
+  `evaluator`: an `evaluation.Evaluator(model, policy=None, with_calibration=False, mesh=mesh)`
+  built once (its step is compiled on first use only); the means cover every host's utterances.
   """
-  eval_fn = eval_fn or step_lib.parallel_eval_step(mesh, model)
-  totals = None
-  for local_batch in make_eval_iterator():
-    sums = jax.device_get(eval_fn(params, step_lib.global_batch(mesh, local_batch)))
-    totals = sums if totals is None else jax.tree_util.tree_map(np.add, totals, sums)
-  if totals is None or totals["count"] == 0:
-    raise ValueError("evaluate: the evaluation iterator yielded no utterances")
-  count = float(totals["count"])
-  return {"utterances": int(count),
-          "si_snr": [float(v) / count for v in totals["si_snr"]],
-          "si_snr_improvement": [float(v) / count for v in totals["si_snr_improvement"]]}
+  summary_ = evaluator.run(make_eval_iterator(), params=params)
+  return {"utterances": summary_["utterances"],
+          "si_snr": [entry["si_snr_db"] for entry in summary_["per_exit"]],
+          "si_snr_improvement": [entry["si_snri_db"] for entry in summary_["per_exit"]]}
 
 
 def train(
@@ -170,7 +162,8 @@ def train(
   # --- data and step functions -----------------------------------------------------------------
   step_fn = step_lib.parallel_train_step(mesh, model=model, loss_config=loss_config,
                                          optimizer=optimizer)
-  eval_fn = step_lib.parallel_eval_step(mesh, model)  # Built once: compiled on first use only.
+  # The one evaluator, exits only; built once: compiled on first use only.
+  validator = evaluation.Evaluator(model, policy=None, with_calibration=False, mesh=mesh)
 
   saved_step = manager.latest_step()  # Orbax refuses to save a step twice.
 
@@ -260,7 +253,7 @@ def train(
         pending = None
         save_checkpoint()
       if config.eval_every and make_eval_iterator and step % config.eval_every == 0:
-        result = evaluate(state.params, make_eval_iterator, mesh, model, eval_fn)
+        result = validate(validator, state.params, make_eval_iterator)
         history.append({"step": step, "eval": result})
         writer.per_exit("eval/si_snr_improvement", result["si_snr_improvement"], step)
         progress.message(f"step {step}: validation SI-SNRi per exit " + ", ".join(

@@ -1,9 +1,10 @@
-"""The per-device train and eval steps (pmap-style, named data axis) and their parallel wrappers.
+"""The per-device train step (pmap-style, named data axis) and its parallel wrappers.
 
 Each step is written once for one device's shard of the batch, with gradients and metrics
 averaged by `lax.pmean` over the axis `DATA_AXIS`. `parallel_train_step` runs it with
 `jax.shard_map` under `jit` over a 1-D mesh of all devices (what `jax.pmap` compiles to today);
 `pmap_train_step` runs the very same function under `jax.pmap` (kept for the equivalence test).
+Evaluation (`press_jax.evaluation.evaluate_batch`) runs through `parallel_step` the same way.
 
 shard_map runs with `check_vma=False`: with the default checker, the gradient of a replicated
 input is already summed over devices by the transpose of its implicit broadcast, and the
@@ -101,24 +102,6 @@ def train_step(
   return new_state, step_metrics
 
 
-def eval_step(params, batch: Batch, *, model: PressNet,
-              axis_name: str | None = DATA_AXIS) -> dict[str, jax.Array]:
-  """Sums over one device's batch of per-exit PIT SI-SNRi, SI-SNR and the utterance count."""
-  mixture, sources, mask = batch["mixture"], batch["sources"], batch["mask"]
-  outputs = model.apply({"params": params}, mixture, mask)
-  valid = (mask.sum(-1) > 0).astype(jnp.float32)  # Fully padded fill-in rows count for nothing.
-  reference = metrics.si_snr(mixture[:, None, :], sources, mask[:, None, :])  # (batch, S)
-
-  def per_exit(mean):
-    values, _ = metrics.pit_si_snr(mean, sources, mask)
-    return values.mean(-1), (values - reference).mean(-1)
-
-  si_snr, si_snr_improvement = jax.vmap(per_exit)(outputs.mean)  # (exits, batch)
-  sums = {"si_snr": (si_snr * valid).sum(-1), "si_snr_improvement":
-          (si_snr_improvement * valid).sum(-1), "count": valid.sum()}
-  return jax.lax.psum(sums, axis_name) if axis_name is not None else sums
-
-
 def data_mesh(devices=None) -> Mesh:
   """A 1-D mesh over all (global) devices with the single axis `DATA_AXIS`."""
   devices = jax.devices() if devices is None else devices
@@ -134,23 +117,25 @@ def _drop_device_axis(function: Callable) -> Callable:
   return wrapped
 
 
-def parallel_step(step: Callable, mesh: Mesh, donate_state: bool = False) -> Callable:
-  """jit(shard_map(step)): state replicated, batch (devices, per_device_batch, ...) sharded."""
+def parallel_step(step: Callable, mesh: Mesh, donate_state: bool = False,
+                  out_specs: Any = PartitionSpec()) -> Callable:
+  """jit(shard_map(step)): state replicated, batch (devices, per_device_batch, ...) sharded.
+
+  `out_specs` (a prefix of the outputs' tree): PartitionSpec() for values that are the same on
+  every device (psum / pmean results), PartitionSpec(DATA_AXIS) for per-example outputs: each
+  device's (per_device_batch, ...) rows are concatenated into a global (devices *
+  per_device_batch, ...) array in device order (the loaders' flattening order).
+  """
   sharded = jax.shard_map(
       _drop_device_axis(step), mesh=mesh,
       in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS)),
-      out_specs=PartitionSpec(), check_vma=False)
+      out_specs=out_specs, check_vma=False)
   return jax.jit(sharded, donate_argnums=(0,) if donate_state else ())
 
 
 def parallel_train_step(mesh: Mesh, **step_arguments) -> Callable:
   """The per-device `train_step` over every device of `mesh`."""
   return parallel_step(functools.partial(train_step, **step_arguments), mesh, donate_state=True)
-
-
-def parallel_eval_step(mesh: Mesh, model: PressNet) -> Callable:
-  """The per-device `eval_step` over every device of `mesh` (sums come back replicated)."""
-  return parallel_step(functools.partial(eval_step, model=model), mesh)
 
 
 def pmap_train_step(**step_arguments) -> Callable:
@@ -169,14 +154,15 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
 MODEL_INPUTS = ("mixture", "sources", "mask")
 
 
-def global_batch(mesh: Mesh, local_batch: dict[str, Any]) -> Batch:
-  """This host's (local_devices, per_device_batch, ...) model inputs as global sharded arrays.
+def global_batch(mesh: Mesh, local_batch: dict[str, Any],
+                 names: tuple[str, ...] = MODEL_INPUTS) -> Batch:
+  """This host's (local_devices, per_device_batch, ...) entries `names` as global sharded arrays.
 
-  Other entries of a loader's batch (ids, lengths, example masks) stay on the host.
+  Other entries of a loader's batch (ids, lengths; example masks unless named) stay on the host.
   """
-  missing = [name for name in MODEL_INPUTS if name not in local_batch]
+  missing = [name for name in names if name not in local_batch]
   if missing:
-    raise ValueError(f"global_batch: the batch lacks {missing}; expected keys {MODEL_INPUTS}")
+    raise ValueError(f"global_batch: the batch lacks {missing}; expected keys {names}")
   sharding = batch_sharding(mesh)
   return {name: jax.make_array_from_process_local_data(sharding, np.asarray(local_batch[name]))
-          for name in MODEL_INPUTS}
+          for name in names}

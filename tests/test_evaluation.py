@@ -21,12 +21,7 @@ def batches(count=2, devices=1, batch=2, samples=3200, seed=0):
 
 @pytest.fixture(scope="module")
 def summary():
-  model = press_net.create("tiny")
-  params = press_net.init_params(model, jax.random.key(0))
-  leaves, tree = jax.tree_util.tree_flatten(params)
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  params = jax.tree_util.tree_unflatten(
-      tree, [p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+  model, params = perturbed_tiny()
   gmacs = [c.gmac_per_s for c in compute.exit_costs(model.config)]
   policy = evaluation.PolicySettings(target_dbs=(-300.0, 300.0), confidence=0.5)
   return evaluation.evaluate(model, params, batches(), gmacs, policy, with_sdr=True), gmacs
@@ -88,11 +83,163 @@ def test_highest_target_runs_to_the_last_exit(summary):
   assert high["oracle_regret_db"] == pytest.approx(high["static_regret_db"][-1], rel=1e-6)
 
 
-def test_filler_slots_are_skipped():
-  batch = next(batches(count=1))
-  batch["example_mask"][0, 1] = 0.0
-  flat = evaluation.flatten_batch(batch)
-  assert flat["mixture"].shape[0] == 1
+def filler_batches():
+  """batches() with the last batch's second slot a filler slot: garbage and NaN under a full
+  sample mask, marked by example_mask only (the loaders zero filler slots; this must not
+  matter)."""
+  result = list(batches())
+  last = result[-1]
+  rng = np.random.default_rng(9)
+  last["mixture"][0, 1] = rng.standard_normal(last["mixture"].shape[-1])
+  last["mixture"][0, 1, 7] = np.nan
+  last["sources"][0, 1] = rng.standard_normal(last["sources"].shape[2:])
+  last["mask"][0, 1] = 1.0
+  last["example_mask"][0, 1] = 0.0
+  return result
+
+
+@pytest.fixture(scope="module")
+def filler_run(summary):
+  """The evaluator on filler_batches(), and a plain numpy reference on the 3 valid utterances."""
+  _, gmacs = summary
+  model, params = perturbed_tiny()
+  policy = evaluation.PolicySettings(target_dbs=(-300.0, 300.0), confidence=0.5)
+  evaluator = evaluation.Evaluator(model, params, gmacs, policy, with_sdr=True)
+  result = evaluator.run(filler_batches())
+  valid = [(b, i) for b, batch in enumerate(filler_batches()) for i in range(2)
+           if batch["example_mask"][0, i] > 0]
+  rows = [filler_batches()[b] for b, _ in valid]
+  mixture = np.stack([r["mixture"][0, i] for r, (_, i) in zip(rows, valid)])
+  sources = np.stack([r["sources"][0, i] for r, (_, i) in zip(rows, valid)])
+  mask = np.stack([r["mask"][0, i] for r, (_, i) in zip(rows, valid)])
+  outputs = jax.jit(lambda p, x, m: model.apply({"params": p}, x, m))(params, mixture, mask)
+  return result, evaluator, numpy_reference(np.asarray(outputs.mean, np.float64), mixture,
+                                            sources, mask, model.config.block_length, gmacs)
+
+
+def _si_snr_numpy(estimate, target):
+  """Plain SI-SNR (dB) over the given samples, float64, eps 1e-8 as metrics.si_snr."""
+  estimate, target = estimate - estimate.mean(), target - target.mean()
+  projection = (estimate @ target) / (target @ target + 1e-8) * target
+  noise = estimate - projection
+  return 10 * np.log10((projection @ projection + 1e-8) / (noise @ noise + 1e-8))
+
+
+def numpy_reference(means, mixture, sources, mask, block_length, gmacs):
+  """Per-exit SI-SNRi means, and per static exit / oracle target: GMAC/s, mean exit and regret,
+  computed per utterance in plain numpy (permutations enumerated, blocks looped)."""
+  exits, utterances, speakers, _ = means.shape
+  si_snri = np.zeros((utterances, exits))
+  block_snr = []  # Per utterance (exits, speakers, blocks), targets aligned by the last exit.
+  for u in range(utterances):
+    length = int(mask[u].sum())
+    src, mix = sources[u, :, :length].astype(np.float64), mixture[u, :length].astype(np.float64)
+    reference = [_si_snr_numpy(mix, src[j]) for j in range(speakers)]
+    permutations = [(0, 1), (1, 0)]
+    for e in range(exits):
+      scores = [np.mean([_si_snr_numpy(means[e, u, p[j], :length], src[j]) - reference[j]
+                         for j in range(speakers)]) for p in permutations]
+      si_snri[u, e] = max(scores)
+      if e == exits - 1:
+        best = permutations[int(np.argmax([np.mean([_si_snr_numpy(means[e, u, p[j], :length],
+                                                                  src[j]) for j in range(speakers)])
+                                           for p in permutations]))]
+    # Estimate j of the last exit matches source best[j]... aligned[j] = source of estimate j.
+    aligned = np.empty_like(src)
+    for j in range(speakers):
+      aligned[best[j]] = src[j]
+    blocks = -(-length // block_length)
+    snr = np.zeros((exits, speakers, blocks))
+    for e in range(exits):
+      for j in range(speakers):
+        for b in range(blocks):
+          part = slice(b * block_length, min((b + 1) * block_length, length))
+          signal, error = aligned[j, part], aligned[j, part] - means[e, u, j, part]
+          snr[e, j, b] = 10 * np.log10((signal @ signal + 1e-8) / (error @ error + 1e-8))
+    block_snr.append(snr)
+
+  def policy(choose, target):
+    """GMAC/s, mean exit, regret at `target` of a per-block choice over every valid block."""
+    chosen = [choose(snr) for snr in block_snr]  # (blocks,) per utterance
+    exits_ = np.concatenate(chosen)
+    shortfall = np.concatenate([np.maximum(0.0, target - snr[c, :, np.arange(len(c))]).ravel()
+                                for snr, c in zip(block_snr, chosen)])
+    return {"gmac_per_s": float(np.mean(np.asarray(gmacs)[exits_])),
+            "mean_exit": float(np.mean(exits_) + 1), "regret": float(np.mean(shortfall))}
+
+  def oracle(target):
+    def choose(snr):
+      ok = np.min(snr, axis=1) >= target  # (exits, blocks)
+      ok[-1] = True
+      return np.argmax(ok, axis=0)
+    return choose
+
+  return {"utterances": utterances, "si_snri": si_snri.mean(0),
+          "static": lambda e, t: policy(lambda snr: np.full(snr.shape[-1], e), t),
+          "oracle": lambda t: policy(oracle(t), t)}
+
+
+def perturbed_tiny():
+  model = press_net.create("tiny")
+  params = press_net.init_params(model, jax.random.key(0))
+  leaves, tree = jax.tree_util.tree_flatten(params)
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  return model, jax.tree_util.tree_unflatten(
+      tree, [p + 0.2 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys)])
+
+
+def test_filler_slots_count_for_nothing(filler_run):
+  """A filler slot (example_mask 0) holding NaN is neither counted nor able to poison a sum:
+  the summary equals a plain numpy computation on the valid utterances only."""
+  result, evaluator, reference = filler_run
+  assert result["utterances"] == reference["utterances"] == 3
+  assert len(evaluator.per_utterance()["si_snri"]) == 3
+  np.testing.assert_allclose([e["si_snri_db"] for e in result["per_exit"]],
+                             reference["si_snri"], atol=2e-3)
+  for entry in result["per_exit"]:
+    assert np.isfinite(entry["sdri_db"]) and np.isfinite(entry["calibration"]["crps_db"])
+    # 2 full utterances x 2 blocks + the padded one's 1 valid block, x 2 speakers.
+    assert entry["calibration"]["blocks"] == (2 * 2 + 1) * 2
+
+
+def test_static_and_oracle_rows_match_a_numpy_reference(filler_run):
+  """Cost, mean exit and one-sided regret of the static exits and the oracle (at both targets)
+  against plain numpy on the valid blocks (block SNRs, exits chosen by loops)."""
+  result, _, reference = filler_run
+  for row in result["policies"]:
+    for key, target in row["regret_db"].items():
+      if row["policy"] == "static":
+        expected = reference["static"](row["exit"] - 1, float(key))
+      elif row["policy"] == "oracle" and float(key) == row["target_db"]:
+        expected = reference["oracle"](row["target_db"])
+      else:
+        continue
+      assert target == pytest.approx(expected["regret"], rel=1e-4, abs=2e-3), (row, key)
+      assert row["gmac_per_s"] == pytest.approx(expected["gmac_per_s"], rel=1e-6)
+      assert row["mean_exit"] == pytest.approx(expected["mean_exit"], abs=1e-9)
+  for d in result["dynamic"]:  # The dynamic summary is read from the same rows.
+    oracle = reference["oracle"](d["target_db"])
+    assert d["oracle_regret_db"] == pytest.approx(oracle["regret"], rel=1e-4, abs=2e-3)
+    assert sum(d["exit_histogram"]) == 2 * 2 + 1  # Valid blocks only.
+
+
+def test_the_trainer_validation_is_the_evaluator_on_exits_only(summary):
+  """train.validate: the history row's numbers are the evaluator's per-exit means."""
+  from press_jax import train
+
+  result, _ = summary
+  model, params = perturbed_tiny()
+  evaluator = evaluation.Evaluator(model, policy=None, with_calibration=False)
+  row = train.validate(evaluator, params, batches)
+  assert row["utterances"] == result["utterances"]
+  np.testing.assert_allclose(row["si_snr_improvement"],
+                             [e["si_snri_db"] for e in result["per_exit"]], atol=1e-5)
+  np.testing.assert_allclose(row["si_snr"], [e["si_snr_db"] for e in result["per_exit"]],
+                             atol=1e-5)
+  again = evaluator.run(batches(), params=params)  # Reused: accumulators start afresh.
+  assert again["utterances"] == result["utterances"] and "policies" not in again
+  with pytest.raises(ValueError, match="no utterance"):
+    evaluator.run([], params=params)
 
 
 def test_calibration_counts_every_valid_block(summary):
@@ -162,7 +309,7 @@ def test_post_calibration_round_trip_through_the_model_directory(tmp_path):
   params = press_net.init_params(model, jax.random.key(0))
   press_net.save(str(tmp_path), model, params)
   gmacs = [c.gmac_per_s for c in compute.exit_costs(model.config)]
-  policy = evaluation.PolicySettings(target_dbs=(5.0,), confidence=0.5)
+  policy = None  # Exits and calibration only.
   raw = evaluation.Evaluator(model, params, gmacs, policy)
   for batch in batches():
     raw.add(batch)
@@ -211,8 +358,8 @@ def test_post_calibration_round_trip_through_the_model_directory(tmp_path):
 
 
 def test_policy_table_agrees_with_the_per_exit_and_dynamic_summaries(summary):
-  """Static rows are the per-exit numbers; the dynamic rows at p = 0.5 are summary['dynamic']
-  (computed by the older per-policy code path, with its own regret)."""
+  """Static rows are the per-exit numbers (a spliced static waveform is the exit's own); the
+  dynamic rows at p = 0.5 are summary['dynamic']."""
   result, gmacs = summary
   table = result["policies"]
   kinds = [row["policy"] for row in table]

@@ -39,6 +39,27 @@ def check_outputs(workdir, summary, test_utterances):
                "model/config.json", "model/params.msgpack"):
     assert os.path.isfile(os.path.join(workdir, name)), name
   assert os.listdir(os.path.join(workdir, "train", "tensorboard"))
+  # evaluation.json keeps its layout (keys and their order) across evaluator changes.
+  with open(os.path.join(workdir, "evaluation.json")) as handle:
+    written = json.load(handle)
+  assert list(written) == ["utterances", "per_exit", "dynamic", "policies", "post_calibration",
+                           "seconds", "model_dir", "split", "training"]
+  for entry in written["per_exit"]:
+    assert list(entry) == ["exit", "si_snr_db", "si_snri_db", "gmac_per_s",
+                           "silent_stream_fraction", "calibration", "params"]
+    assert list(entry["calibration"]) == ["blocks", "pit_ks", "crps_db", "pit_histogram"]
+  for entry in written["dynamic"]:
+    assert list(entry) == ["target_db", "confidence", "si_snri_db", "gmac_per_s", "mean_exit",
+                           "regret_db", "oracle_gmac_per_s", "oracle_regret_db",
+                           "static_regret_db", "exit_histogram"]
+  parameters = {"dynamic": ["target_db", "confidence"], "static": ["exit"], "uniform": ["seed"],
+                "oracle": ["target_db"], "similarity": ["threshold_db"],
+                "patience": ["threshold_db", "patience"]}
+  for row in written["policies"]:
+    assert list(row) == (["policy"] + parameters[row["policy"]] + [
+        "si_snri_db", "gmac_per_s", "mean_exit", "regret_db"]
+        + ([] if row["policy"] == "static" else ["above_static_db"]))
+  assert {row["policy"] for row in written["policies"]} == set(parameters)
 
 
 def test_main_job_reduced(tmp_path, capsys):

@@ -21,8 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-from press_jax import checkpointing, optim
-from press_jax import train_step as step_lib
+from press_jax import checkpointing, evaluation, optim
+from press_jax import train as train_lib
 from press_jax.models import press_net
 from tests import mock_data, train_worker, worker_util
 
@@ -185,12 +185,12 @@ def test_load_model_from_workdir_evaluates(runs):
   worker_util.assert_trees_equal(
       saved, {k: v for k, v in runs["B_state"].items() if k.startswith(".params")},
       "load_model vs the final state")
-  batch = {name: value[0] for name, value in
-           mock_data.global_batch(0, 1, 2, train_worker.SAMPLES, seed=7).items()}
-  sums = jax.jit(lambda p, b: step_lib.eval_step(p, b, model=model, axis_name=None))(
-      params, batch)
-  assert float(sums["count"]) == 2
-  assert np.all(np.isfinite(np.asarray(sums["si_snr_improvement"])))
+  batch = mock_data.global_batch(0, 1, 2, train_worker.SAMPLES, seed=7)
+  # The trainer's validation: the one evaluator on the exits only.
+  result = train_lib.validate(
+      evaluation.Evaluator(model, policy=None, with_calibration=False), params, lambda: [batch])
+  assert result["utterances"] == 2
+  assert np.all(np.isfinite(result["si_snr_improvement"]))
 
 
 def test_model_dir_load_of_a_training_workdir(runs):

@@ -8,13 +8,19 @@ Modes:
            process (writes flattened states to spec['out'] npz files).
   train    one or more press_jax.train.train runs in sequence (spec['runs']); optional
            multi-process start-up through press_jax.distributed (spec['distributed']).
+  evaluate press_jax.evaluation.Evaluator on splits of mock utterances (spec['splits']: their
+           sizes) whose last batch is partly filler; optional multi-process start-up. Writes
+           each split's summary, and per-utterance arrays and block statistics to
+           spec['out'] + f'{split}_process{i}.npz'.
 Each mode writes a JSON summary to spec['result'].
 """
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
+import signal
 import sys
 import time
 import traceback
@@ -206,17 +212,76 @@ def run_train(spec):
   return results
 
 
+# --- mode: evaluate ---------------------------------------------------------------------------
+def evaluation_split(size: int, global_devices: int, per_device_batch: int, samples: int,
+                     seed: int = 777):
+  """A split of `size` mock utterances in global batches; the last batch's slots beyond `size`
+  are filler (example_mask 0) holding garbage with a full sample mask, which must not count.
+
+  Yields the global batches (global_devices, per_device_batch, ...); utterance u depends only
+  on (seed, u // global batch, u % global batch).
+  """
+  global_size = global_devices * per_device_batch
+  for index in range(-(-size // global_size)):
+    batch = mock_data.global_batch(index, global_devices, per_device_batch, samples, seed)
+    slots = index * global_size + np.arange(global_size)
+    example_mask = (slots < size).astype(np.float32).reshape(global_devices, per_device_batch)
+    filler = example_mask == 0
+    rng = np.random.default_rng([seed, index, 1])
+    for name in ("mixture", "sources"):
+      batch[name][filler] = rng.standard_normal(batch[name][filler].shape).astype(np.float32)
+    batch["mask"][filler] = 1.0
+    batch["example_mask"] = example_mask
+    yield batch
+
+
+def run_evaluate(spec):
+  from press_jax import evaluation
+  from press_jax.models import press_net
+
+  joined = distributed.initialize_from_flags_or_environment(**spec.get("distributed", {}))
+  process_index, process_count = jax.process_index(), jax.process_count()
+  devices, local = jax.device_count(), jax.local_device_count()
+  per_device = spec["global_batch"] // devices
+  model = press_net.create("tiny")
+  # Perturbed initial parameters (numpy noise: the same on every process), so exits differ.
+  params = jax.device_get(press_net.init_params(model, jax.random.key(0)))
+  rng = np.random.default_rng(1)
+  params = jax.tree_util.tree_map(
+      lambda p: (p + 0.2 * rng.standard_normal(p.shape)).astype(p.dtype), params)
+  policy = evaluation.PolicySettings(**spec.get("policy", {}))
+  evaluator = evaluation.Evaluator(model, params, policy=policy, with_sdr=True)
+  result = {"process_index": process_index, "process_count": process_count,
+            "joined_distributed": joined, "local_devices": local, "global_devices": devices,
+            "summaries": {}}
+  for size in spec["splits"]:
+    started = time.perf_counter()
+    local_rows = slice(process_index * local, (process_index + 1) * local)
+    batches = ({name: value[local_rows] for name, value in batch.items()}
+               for batch in evaluation_split(size, devices, per_device, SAMPLES))
+    summary = evaluator.run(batches)
+    per_utterance = evaluator.per_utterance()
+    statistics = evaluator.block_statistics()
+    result["summaries"][str(size)] = summary
+    result[f"seconds_{size}"] = time.perf_counter() - started
+    np.savez(spec["out"] + f"{size}_process{process_index}.npz",
+             **{"utterance." + k: v for k, v in per_utterance.items()},
+             **{"block." + k: v for k, v in statistics.items()})
+  return result
+
+
 def main():
   if os.environ.get("PRESS_JAX_TEST_XLA_CACHE"):  # Shared by the workers of a test session.
     jax.config.update("jax_compilation_cache_dir", os.environ["PRESS_JAX_TEST_XLA_CACHE"])
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+  faulthandler.register(signal.SIGUSR1)  # A test that times out asks for the stacks first.
   mode, spec_path = sys.argv[1], sys.argv[2]
   with open(spec_path) as handle:
     spec = json.load(handle)
   started = time.perf_counter()
   try:
-    result = {"steps": run_steps, "train": run_train}[mode](spec)
+    result = {"steps": run_steps, "train": run_train, "evaluate": run_evaluate}[mode](spec)
   except Exception:
     traceback.print_exc()
     sys.exit(1)
