@@ -14,14 +14,12 @@ import argparse
 import collections
 import json
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 import data_pipelines
 from data_pipelines import loaders
 from experiments import configs, main
-from press_jax import metrics, model_dir
+from press_jax import evaluation, model_dir
 
 GROUPS = ("male-male", "female-female", "male-female")
 
@@ -45,27 +43,17 @@ def pair_group(example_id: str, genders: dict[str, str]) -> tuple[str, str]:
 
 
 def per_utterance_si_snri(model, params, batches):
-  """Yields (id, per-exit SI-SNRi averaged over speakers) for every real utterance."""
-
-  @jax.jit
-  def scores(mixture, sources, mask):
-    outputs = model.apply({"params": params}, mixture)
-
-    def one_exit(mean):
-      values, _ = metrics.pit_si_snr(mean, sources, mask)  # (batch, speakers)
-      reference = metrics.si_snr(mixture[:, None, :], sources, mask[:, None, :])
-      return jnp.mean(values - reference, axis=-1)
-
-    return jax.vmap(one_exit)(outputs.mean)  # (exits, batch)
-
+  """[(id, per-exit SI-SNRi (exits,))] of every real utterance, from the library's evaluator."""
+  evaluator = evaluation.Evaluator(model, params, policy=None, with_calibration=False)
+  ids = []
   for batch in batches:
-    flat = {key: np.asarray(value).reshape(-1, *np.shape(value)[2:])
-            for key, value in batch.items()}
-    values = np.asarray(scores(flat["mixture"], flat["sources"], flat["mask"]))
-    for index in np.flatnonzero(flat["example_mask"] > 0):
-      example_id = flat["id"][index]
-      example_id = example_id.decode() if isinstance(example_id, bytes) else str(example_id)
-      yield example_id, values[:, index]
+    evaluator.add(batch)
+    ids += [str(i) for i, keep in zip(np.ravel(batch["id"]), np.ravel(batch["example_mask"]))
+            if keep > 0]
+  values = evaluator.per_utterance()["si_snri"]  # (utterances, exits), in the batches' order
+  if len(values) != len(ids):
+    raise RuntimeError(f"pair_breakdown: {len(ids)} utterance ids but {len(values)} rows")
+  return list(zip(ids, values))
 
 
 def breakdown(model, params, data: configs.DataConfig, split: str) -> dict:
