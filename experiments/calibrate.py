@@ -9,7 +9,8 @@ validation blocks' errors (`calibration.fit_post_calibration`), writes them to
 then apply them. Prints, per exit, the KS distance of the PIT values to uniform and the CRPS
 (dB) of the predicted error variance, on validation and test, for each model it finds: before
 full-length fine-tuning (<workdir>/train), after it (the final model), and after
-post-calibration. Writes the table to <workdir>/calibration.json.
+post-calibration. Writes the table to <workdir>/calibration.json and the paper's Fig. 5, PIT
+histograms per exit for each of those models, to <workdir>/plots/calibration_stages_<split>.png.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import os
 import jax
 import numpy as np
 
-from experiments import configs, main
+from experiments import configs, main, plots
 from press_jax import calibration, compute, evaluation, model_dir
 
 
@@ -33,7 +34,8 @@ def evaluate_split(experiment, loaded, split, max_batches, post_calibration=None
       with_sdr=False, post_calibration=post_calibration)  # Exits and calibration only.
   summary = evaluator.run(main.eval_iterator_factory(experiment.data, split, max_batches)())
   return [{"exit": e["exit"], "pit_ks": e["calibration"]["pit_ks"],
-           "crps_db": e["calibration"]["crps_db"], "si_snri_db": e["si_snri_db"]}
+           "crps_db": e["calibration"]["crps_db"], "si_snri_db": e["si_snri_db"],
+           "pit_histogram": e["calibration"]["pit_histogram"]}
           for e in summary["per_exit"]], evaluator
 
 
@@ -99,10 +101,15 @@ def main_cli(argv=None):
     return table
   with open(out, "w") as handle:
     json.dump(table, handle, indent=1)
+  figure_dir = os.path.join(os.path.dirname(out), plots.PLOT_DIR)
+  os.makedirs(figure_dir, exist_ok=True)
+  figures = [plots.calibration_stages(rows, split, os.path.join(
+      figure_dir, f"calibration_stages_{split}.png")) for split in (data.validation_split,
+                                                                    data.test_split)]
   print(format_table(rows))
   print(f"\npost-calibration: {path}\n  log alpha scale {np.round(fitted.to_dict()['log_alpha_scale'], 3).tolist()}"
         f"\n  log beta scale  {np.round(fitted.to_dict()['log_beta_scale'], 3).tolist()}"
-        f"\ntable: {out}", flush=True)
+        f"\ntable: {out}\nfigures: {', '.join(figures)}", flush=True)
   return table
 
 

@@ -126,6 +126,35 @@ def calibration(summary: dict, path: str) -> None:
   plt.close(figure)
 
 
+def calibration_stages(rows: list[dict], split: str, path: str) -> str:
+  """The paper's Fig. 5: PIT histograms per exit (columns) for each model stage (rows).
+
+  `rows`: experiments.calibrate's table rows ({'model', 'split', 'exit', 'pit_ks',
+  'pit_histogram'}); only those of `split` are drawn. Returns `path`.
+  """
+  rows = [row for row in rows if row["split"] == split]
+  stages = list(dict.fromkeys(row["model"] for row in rows))
+  exits = sorted({row["exit"] for row in rows})
+  figure, axes = plt.subplots(len(stages), len(exits), figsize=(3.0 * len(exits),
+                                                                2.4 * len(stages)),
+                              sharex=True, sharey=True, squeeze=False)
+  for row in rows:
+    axis = axes[stages.index(row["model"])][exits.index(row["exit"])]
+    density = row["pit_histogram"]
+    edges = np.linspace(0.0, 1.0, len(density) + 1)
+    axis.bar(edges[:-1], density, width=np.diff(edges), align="edge", alpha=0.7)
+    axis.axhline(1.0, color="k", linestyle=":")
+    axis.set_title(f"{row['model']}, exit {row['exit']}: KS {row['pit_ks']:.3f}", fontsize=8)
+  for axis in axes[-1]:
+    axis.set_xlabel("PIT value")
+  for line in axes:
+    line[0].set_ylabel(f"density ({split})")
+  figure.tight_layout()
+  figure.savefig(path, dpi=100)
+  plt.close(figure)
+  return path
+
+
 def exit_map_of_mixture(model_directory: str, mixture: np.ndarray, path: str) -> dict:
   """Separates `mixture` (samples,) with the dynamic rule and draws its exit map at `path`.
 

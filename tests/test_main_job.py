@@ -95,6 +95,19 @@ def test_main_job_reduced(tmp_path, capsys):
   loaded = model_dir_lib.load(workdir)
   assert loaded.kind == "saved" and loaded.directory == os.path.join(workdir, "model")
   assert model_dir_lib.load(os.path.join(workdir, "finetune")).kind == "checkpoint"
+  assert loaded.calibration is None
+  # experiments.calibrate fits the post-calibration beside the final model, reports every stage
+  # and draws Fig. 5; the loader then finds the calibration.
+  from experiments import calibrate
+
+  table = calibrate.main_cli(["--config", "tiny", "--model-dir", workdir] + data_sets[:-2])
+  assert list(dict.fromkeys(row["model"] for row in table["rows"])) == [
+      "before fine-tuning", "final model", "final + post-calibration"]
+  assert all(0.0 <= row["pit_ks"] <= 1.0 for row in table["rows"])
+  for name in ("calibration.json", "plots/calibration_stages_validation.png",
+               "plots/calibration_stages_test.png", "model/post_calibration.json"):
+    assert os.path.isfile(os.path.join(workdir, name)), name
+  assert model_dir_lib.load(workdir).calibration is not None
 
 
 def test_report_warns_of_silent_streams():
