@@ -266,7 +266,7 @@ class Setup:
 def make_setup(name: str, sets: list[str]) -> Setup:
   experiment = configs.override(configs.get(name), sets)
   train = experiment.train
-  model_config = train.model_config()
+  model_config = train.model_config(resolve=True)  # As the trainer builds it (dtype 'auto').
   samples = int(round(experiment.data.crop_seconds * model_config.sample_rate))
   if samples < 1:
     raise ValueError(f"bench_step: data.crop_seconds={experiment.data.crop_seconds} gives no "

@@ -80,6 +80,13 @@ DEMO_MODEL = {
 }
 DEMO_STEPS = 2700
 
+# The S and M runs' compute dtype (TrainConfig.compute_dtype): 'auto' stays in the experiment
+# and is resolved when the trainer builds the model (press_jax.train.train, in the training
+# process, after jax.distributed.initialize; a sweep's launcher never queries the backend):
+# bfloat16 matmuls on an accelerator, float32 on CPU (press_jax.config.resolve_dtype). The demo
+# and tiny are CPU recipes and stay float32 everywhere.
+ACCELERATOR_DTYPE = "auto"
+
 
 def demo() -> ExperimentConfig:
   """The README's main job: a small PRESS-Net on the embedded corpus, on a 2-core CPU.
@@ -151,11 +158,14 @@ def small() -> ExperimentConfig:
         --set data.manual_dir='"/corpora/wsj0-mix/2speakers"'
   Expected (paper, WSJ0-2mix): SI-SNRi rising over the 4 exits; 3.45 M parameters,
   11.0 GMAC/s at exit 4. Not reproducible on the CPU of this project (about 1 step/s at batch 1).
+  Matmuls in bfloat16 on a GPU/TPU, float32 on CPU (ACCELERATOR_DTYPE); force one with
+  --set train.compute_dtype=float32.
   """
   steps = 200_000
   return ExperimentConfig(
       name="S",
-      train=TrainConfig(model="S", steps=steps, batch_size_per_device=1, log_every=100, remat=True,
+      train=TrainConfig(model="S", compute_dtype=ACCELERATOR_DTYPE,
+                        steps=steps, batch_size_per_device=1, log_every=100, remat=True,
                         eval_every=5000, checkpoint_every=2000,
                         optimizer=_paper_optimizer(steps)),
       finetune=FinetuneConfig(min_steps=1000, peak_learning_rate=1e-4, warmup_steps=100),

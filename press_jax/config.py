@@ -58,7 +58,13 @@ class PressConfig:
   # mask over the encoder's channels, and the exit's transposed conv decodes the masked frames.
   waveform_head: str = "mapping"
 
-  dtype: str = "float32"  # Dense/attention compute dtype ("bfloat16" on accelerators).
+  # Compute dtype of the matmuls (Dense, attention, encoder/decoder convolutions, mask heads);
+  # parameters, norms, recurrence, softmax, variance heads and outputs stay float32
+  # (docs/model.md, "Precision"). 'auto': 'bfloat16' on an accelerator, 'float32' on CPU
+  # (`resolve_dtype`), resolved by the trainer before it builds the model (`resolved()`, so the
+  # saved config records what ran) or else when the model is traced; building a config never
+  # touches the JAX backend.
+  dtype: str = "float32"
   # Kernel of the linear recurrence (press_jax/models/recurrence.py): 'associative', 'chunked',
   # 'sequential', or 'auto' (the one measured fastest on the platform the model runs on).
   # Same values either way; only speed differs.
@@ -154,10 +160,15 @@ class PressConfig:
          f"{self.recurrence!r}")
     need(self.recurrence_chunk >= 1,
          f"recurrence_chunk must be >= 1, got {self.recurrence_chunk}")
-    need(self.dtype in ("float32", "bfloat16", "float16"),
-         f"dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+    need(self.dtype == "auto" or self.dtype in DTYPES,
+         f"dtype must be 'auto', float32, bfloat16 or float16, got {self.dtype!r}")
 
   # --- conversions ---------------------------------------------------------------------------
+  def resolved(self, platform: str | None = None) -> "PressConfig":
+    """This config with dtype 'auto' resolved for `platform` (`resolve_dtype`); else itself."""
+    dtype = resolve_dtype(self.dtype, platform)
+    return self if dtype == self.dtype else self.replace(dtype=dtype)
+
   def replace(self, **changes: Any) -> "PressConfig":
     """A copy with fields changed (validated)."""
     return dataclasses.replace(self, **changes)
@@ -187,6 +198,26 @@ class PressConfig:
     if unknown:
       raise ValueError(f"PressConfig: unknown fields {unknown}; known fields are {sorted(known)}")
     return cls(**values)
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+AUTO_DTYPE_ON_CPU = "float32"  # XLA:CPU emulates bfloat16 matmuls: slower, not faster.
+AUTO_DTYPE_ON_ACCELERATORS = "bfloat16"  # GPU tensor cores, TPU MXU: native bfloat16 matmuls.
+
+
+def resolve_dtype(dtype: str, platform: str | None = None) -> str:
+  """`dtype`, with 'auto' resolved for `platform` (default: `jax.default_backend()`).
+
+  'auto' is 'float32' on 'cpu' and 'bfloat16' on any other platform (gpu, cuda, rocm, tpu).
+  Without `platform` this queries (and so initialises) the JAX backend: in a multi-host run
+  call it only after `jax.distributed.initialize` (the trainer and the model do, at run time).
+  """
+  if dtype != "auto":
+    return dtype
+  if platform is None:
+    import jax  # Here, not at the top: the config module is otherwise free of JAX.
+    platform = jax.default_backend()
+  return AUTO_DTYPE_ON_CPU if platform == "cpu" else AUTO_DTYPE_ON_ACCELERATORS
 
 
 # The paper's table (SPEC §6): S = PRESS-4, M = PRESS-12. Internals chosen by

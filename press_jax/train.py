@@ -54,6 +54,11 @@ class TrainConfig:
   time_limit_s: float | None = None  # Checkpoint and stop after this much wall time.
   init_from: str | None = None  # Work directory whose latest params start this run.
   remat: bool = False  # Recompute activations in the backward pass (less memory; on CPU faster).
+  # The model's compute dtype for this run (PressConfig.dtype): None keeps the preset's
+  # (float32); 'auto' is bfloat16 on an accelerator and float32 on CPU, resolved by `train` on
+  # the machine that trains; or 'float32' / 'bfloat16' / 'float16'. Not together with
+  # model_overrides['dtype'].
+  compute_dtype: str | None = None
 
   def __post_init__(self):
     for name in ("steps", "batch_size_per_device", "log_every", "checkpoint_every",
@@ -62,6 +67,15 @@ class TrainConfig:
         raise ValueError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
     if self.eval_every < 0:
       raise ValueError(f"TrainConfig.eval_every must be >= 0, got {self.eval_every}")
+    if self.compute_dtype is not None:
+      if self.compute_dtype != "auto" and self.compute_dtype not in config_lib.DTYPES:
+        raise ValueError(f"TrainConfig.compute_dtype must be None, 'auto' or one of "
+                         f"{config_lib.DTYPES}, got {self.compute_dtype!r}")
+      if "dtype" in self.model_overrides:
+        raise ValueError(
+            f"TrainConfig: compute_dtype={self.compute_dtype!r} and model_overrides['dtype']="
+            f"{self.model_overrides['dtype']!r} both set the model's dtype; set compute_dtype "
+            "only")
     updates = self.steps // self.optimizer.accumulation_steps
     if self.optimizer.total_steps > max(updates, 1):
       raise ValueError(
@@ -69,8 +83,18 @@ class TrainConfig:
           f"optimiser updates of the run ({updates} = steps / accumulation_steps); the "
           "learning rate would never decay to 0")
 
-  def model_config(self) -> config_lib.PressConfig:
-    return config_lib.preset(self.model, **dict(self.model_overrides))
+  def model_config(self, resolve: bool = False) -> config_lib.PressConfig:
+    """The PressConfig of `model` with `model_overrides` (and `compute_dtype`, if set).
+
+    `resolve`: with dtype 'auto' resolved for this machine's JAX backend (bfloat16 on an
+    accelerator, float32 on CPU), as `train` builds it. Without it the config keeps 'auto' and
+    the backend is not touched (a sweep's launcher validates configs this way).
+    """
+    overrides = dict(self.model_overrides)
+    if self.compute_dtype is not None:
+      overrides["dtype"] = self.compute_dtype
+    config = config_lib.preset(self.model, **overrides)
+    return config.resolved() if resolve else config
 
   def loss_config(self) -> likelihoods.LossConfig:
     return likelihoods.LossConfig(
@@ -131,7 +155,8 @@ def train(
   mesh = step_lib.data_mesh()
 
   # --- model ----------------------------------------------------------------------------------
-  model_config = config.model_config()
+  # dtype 'auto' is resolved here, on the machine that trains (docs/training.md, "bfloat16").
+  model_config = config.model_config(resolve=True)
   if sample_rate is not None and sample_rate != model_config.sample_rate:
     raise ValueError(f"train: the data is at {sample_rate} Hz but the model "
                      f"{config.model!r} is built for {model_config.sample_rate} Hz")

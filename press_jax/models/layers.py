@@ -2,6 +2,11 @@
 
 All pointwise maps are `nn.Dense` (einsum), never 1x1 convolutions: on XLA:CPU the latter are
 much slower inside scanned bodies (ENV_NOTES).
+
+Precision (docs/model.md, "Precision"): `dtype` is the compute dtype of the matmuls (Dense,
+attention) and of the elementwise maps between them; parameters are float32 (Flax's default
+`param_dtype`). The residual stream, the norms, the recurrence, the softmax and every block's
+output are float32 (`residual_dtype`): a block takes and returns float32 whatever `dtype` is.
 """
 
 from __future__ import annotations
@@ -18,15 +23,21 @@ from press_jax.models.recurrence import (  # noqa: F401
     RECURRENCE_IMPLEMENTATIONS, bidirectional_recurrence, linear_recurrence)
 
 
+def residual_dtype(x) -> jnp.dtype:
+  """The dtype the residual stream and the norms keep: x's, but at least float32."""
+  return jnp.promote_types(x.dtype, jnp.float32)
+
+
 class LayerScale(nn.Module):
   """Per-channel learned scale of a residual branch, initialised small (1e-5)."""
 
   init_value: float = 1e-5
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x: Float[Array, "... width"]) -> Float[Array, "... width"]:
+    """x (a branch's output, any dtype) times the float32 scale, in at least float32."""
     scale = self.param("scale", nn.initializers.constant(self.init_value), (x.shape[-1],))
-    return x * scale.astype(x.dtype)
+    return x.astype(residual_dtype(x)) * scale
 
 
 class GatedFeedForward(nn.Module):
@@ -89,7 +100,10 @@ class SpeakerAttention(nn.Module):
     qkv = nn.Dense(3 * width, dtype=self.dtype, name="qkv")(x)
     qkv = qkv.reshape(*x.shape[:-1], 3, self.heads, head_width)
     query, key, value = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
-    logits = jnp.einsum("bsfhd,btfhd->bfhst", query, key).astype(jnp.float32)
+    # Logits accumulated in float32 (not rounded to `dtype` first), softmax in float32; the
+    # weights go back to `dtype` for the second matmul.
+    logits = jnp.einsum("bsfhd,btfhd->bfhst", query, key,
+                        preferred_element_type=jnp.float32).astype(jnp.float32)
     weights = jax.nn.softmax(logits / jnp.sqrt(head_width), axis=-1).astype(value.dtype)
     attended = jnp.einsum("bfhst,btfhd->bsfhd", weights, value)
     attended = attended.reshape(*x.shape[:-1], width)
@@ -113,17 +127,16 @@ class RecurrentBlock(nn.Module):
       frame_mask: Float[Array, "... time"],
   ) -> Float[Array, "... time width"]:
     lead = x.shape[:-2]
-    flat = x.reshape(-1, *x.shape[-2:])
+    flat = x.reshape(-1, *x.shape[-2:]).astype(residual_dtype(x))  # The residual stream.
     flat_mask = jnp.broadcast_to(frame_mask, lead + frame_mask.shape[-1:]).reshape(
         -1, frame_mask.shape[-1])
     mixed = LinearRNNMixer(self.rnn_hidden, self.dtype, self.recurrence, self.recurrence_chunk,
                            name="mixer")(
         nn.RMSNorm(name="mixer_norm")(flat), flat_mask)
-    flat = flat + LayerScale(self.layer_scale_init, name="mixer_scale")(mixed.astype(flat.dtype))
+    flat = flat + LayerScale(self.layer_scale_init, name="mixer_scale")(mixed)
     fed = GatedFeedForward(self.ffn_hidden, self.dtype, name="feed_forward")(
         nn.RMSNorm(name="feed_forward_norm")(flat))
-    flat = flat + LayerScale(self.layer_scale_init, name="feed_forward_scale")(
-        fed.astype(flat.dtype))
+    flat = flat + LayerScale(self.layer_scale_init, name="feed_forward_scale")(fed)
     return flat.reshape(x.shape)
 
 
@@ -136,10 +149,13 @@ class AttentionBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x: Float[Array, "batch speakers time width"]):
+  def __call__(
+      self, x: Float[Array, "batch speakers time width"]
+  ) -> Float[Array, "batch speakers time width"]:
+    x = x.astype(residual_dtype(x))  # The residual stream.
     attended = SpeakerAttention(self.heads, self.dtype, name="attention")(
         nn.RMSNorm(name="attention_norm")(x))
-    x = x + LayerScale(self.layer_scale_init, name="attention_scale")(attended.astype(x.dtype))
+    x = x + LayerScale(self.layer_scale_init, name="attention_scale")(attended)
     fed = GatedFeedForward(self.ffn_hidden, self.dtype, name="feed_forward")(
         nn.RMSNorm(name="feed_forward_norm")(x))
-    return x + LayerScale(self.layer_scale_init, name="feed_forward_scale")(fed.astype(x.dtype))
+    return x + LayerScale(self.layer_scale_init, name="feed_forward_scale")(fed)

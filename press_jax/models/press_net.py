@@ -9,6 +9,10 @@
            VarianceHead -> log_var, log_alpha per block         (batch, speakers, blocks)
     -> ExitOutputs with a leading exit axis.
 
+`PressConfig.dtype` is the compute dtype of the matmuls; parameters, the residual stream, norms,
+recurrence, softmax, the variance heads and all outputs stay float32 (docs/model.md,
+"Precision"): every module here returns float32.
+
 Use `create(preset)` for a model, `init_params(model, key)` for parameters and `load(directory)`
 for a saved model.
 """
@@ -35,6 +39,11 @@ from press_jax.types import ExitOutputs
 PARAMS_FILE = "params.msgpack"
 CONFIG_FILE = "config.json"
 _RMS_EPSILON = 1e-8  # Added to the mixture power before normalising; only guards silence.
+
+
+def compute_dtype(config: config_lib.PressConfig) -> jnp.dtype:
+  """The matmuls' dtype: `config.dtype`, with 'auto' resolved for the platform running it."""
+  return jnp.dtype(config_lib.resolve_dtype(config.dtype))
 
 
 # --- framing --------------------------------------------------------------------------------
@@ -80,7 +89,8 @@ class Encoder(nn.Module):
   """Conv1d(1 -> channels, kernel, stride, no bias) -> GELU -> RMSNorm -> Dense(width).
 
   With `with_basis` it returns (latent, basis): the (batch, frames, channels) representation
-  before the projection too, which mask heads (`MaskHead`) mask and decode.
+  before the projection too, which mask heads (`MaskHead`) mask and decode. Both float32 (the
+  matmuls run in `dtype`).
   """
 
   channels: int
@@ -95,14 +105,16 @@ class Encoder(nn.Module):
   def __call__(self, mixture: Float[Array, "batch samples"]):
     frames = frame_signal(mixture, self.kernel, self.stride)
     hidden = nn.gelu(nn.Dense(self.channels, use_bias=False, dtype=self.dtype, name="conv")(frames))
+    hidden = hidden.astype(jnp.float32)  # The norm (and the mask heads' basis) in float32.
     if self.frame_norm:
       hidden = nn.RMSNorm(name="norm")(hidden)
     latent = nn.Dense(self.width, dtype=self.dtype, name="projection")(hidden)
+    latent = latent.astype(jnp.float32)
     return (latent, hidden) if self.with_basis else latent
 
 
 class SpeakerSplit(nn.Module):
-  """Dense(D -> 2SD) -> GLU -> Dense(SD) -> S streams -> RMSNorm."""
+  """Dense(D -> 2SD) -> GLU -> Dense(SD) -> S streams -> RMSNorm; float32 streams."""
 
   speakers: int
   dtype: Any = jnp.float32
@@ -116,7 +128,7 @@ class SpeakerSplit(nn.Module):
     streams = nn.Dense(self.speakers * width, dtype=self.dtype, name="mix")(
         value * jax.nn.sigmoid(gate))
     streams = streams.reshape(batch, frames, self.speakers, width).transpose(0, 2, 1, 3)
-    # (batch, speakers, frames, width)
+    streams = streams.astype(jnp.float32)  # (batch, speakers, frames, width)
     return nn.RMSNorm(name="norm")(streams) if self.frame_norm else streams
 
 
@@ -165,7 +177,11 @@ class MaskHead(nn.Module):
 
 
 class VarianceHead(nn.Module):
-  """Pool frames over each block -> MLP -> softplus -> (log_var, log_alpha) per block."""
+  """Pool frames over each block -> MLP -> softplus -> (log_var, log_alpha) per block.
+
+  Entirely float32 whatever `PressConfig.dtype` is: it is small (one row per block, not per
+  frame), and its outputs (logs of the variance and of alpha) are what the exit rule thresholds.
+  """
 
   hidden: int
   alpha_floor: float
@@ -179,10 +195,10 @@ class VarianceHead(nn.Module):
       frame_weight: Float[Array, "batch frames"],
       blocks: int,
   ):
-    hidden = nn.RMSNorm(name="norm")(streams).astype(jnp.float32)
+    hidden = nn.RMSNorm(name="norm")(streams.astype(jnp.float32)).astype(jnp.float32)
     pooled = pool_blocks(hidden, frame_block, frame_weight, blocks)
-    hidden = nn.gelu(nn.Dense(self.hidden, name="hidden")(pooled))
-    raw = nn.Dense(2, name="output")(hidden)
+    hidden = nn.gelu(nn.Dense(self.hidden, dtype=jnp.float32, name="hidden")(pooled))
+    raw = nn.Dense(2, dtype=jnp.float32, name="output")(hidden)
     variance = self.variance_floor + jax.nn.softplus(raw[..., 0])
     alpha = self.alpha_floor + jax.nn.softplus(raw[..., 1])
     return jnp.log(variance), jnp.log(alpha)
@@ -219,7 +235,7 @@ class StageGroup(nn.Module):
   def __call__(self, streams, context):
     config = self.config
     frame_mask, frame_block, frame_weight, basis = context
-    dtype = jnp.dtype(config.dtype)
+    dtype = compute_dtype(config)
     exits = []
     positions = range(config.stages_per_group) if self.positions is None else self.positions
     for stage in positions:
@@ -261,7 +277,7 @@ class EncoderBlock(nn.Module):
   def __call__(self, x, frame_mask):
     config = self.config
     x = RecurrentBlock(config.rnn_hidden, config.ffn_hidden, config.layer_scale_init,
-                       jnp.dtype(config.dtype), config.recurrence, config.recurrence_chunk,
+                       compute_dtype(config), config.recurrence, config.recurrence_chunk,
                        name="block")(x, frame_mask)
     return x, None
 
@@ -352,7 +368,7 @@ def finish_exits(config: config_lib.PressConfig, prepared: PreparedInput,
 
 def make_encoder(config: config_lib.PressConfig, **kwargs) -> Encoder:
   return Encoder(config.encoder_channels, config.encoder_kernel, config.encoder_stride,
-                 config.width, jnp.dtype(config.dtype), config.frame_norm,
+                 config.width, compute_dtype(config), config.frame_norm,
                  with_basis=config.waveform_head == "mask", **kwargs)
 
 
@@ -392,7 +408,7 @@ def make_encoder_stack(config: config_lib.PressConfig, scan_unroll=1, remat=Fals
 
 
 def make_speaker_split(config: config_lib.PressConfig, **kwargs) -> SpeakerSplit:
-  return SpeakerSplit(config.speakers, jnp.dtype(config.dtype), config.frame_norm, **kwargs)
+  return SpeakerSplit(config.speakers, compute_dtype(config), config.frame_norm, **kwargs)
 
 
 def frame_context(config: config_lib.PressConfig, lengths, samples: int):

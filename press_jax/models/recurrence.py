@@ -18,6 +18,11 @@ So the backward pass costs one more recurrence of the same kind, never autodiff 
 scan's internals.
 
 Shapes: (..., time, channels); time is axis -2.
+
+Precision: every kernel runs in at least float32. Inputs in a narrower dtype (bfloat16,
+float16) are upcast before the kernel and the states rounded back to the input dtype once at the
+end, so the state is never carried from frame to frame in the narrow dtype (over hundreds of
+frames that would accumulate one rounding per frame); gradients come back in the input dtype.
 """
 
 from __future__ import annotations
@@ -246,7 +251,16 @@ def linear_recurrence(
   rounding; the gradient is the written-out adjoint in every case.
   """
   name = resolve_implementation(implementation)
-  return _recurrence(decay, drive, _kernel(name, int(chunk), int(unroll)), bool(reverse))
+  (decay, drive), dtype = _at_least_float32(decay, drive)
+  states = _recurrence(decay, drive, _kernel(name, int(chunk), int(unroll)), bool(reverse))
+  return states.astype(dtype)
+
+
+def _at_least_float32(decay, drive):
+  """(decay, drive) in their common dtype promoted to >= float32, and that common dtype."""
+  dtype = jnp.result_type(decay, drive)
+  compute = jnp.promote_types(dtype, jnp.float32)
+  return (jnp.asarray(decay, compute), jnp.asarray(drive, compute)), dtype
 
 
 def bidirectional_recurrence(
@@ -262,7 +276,9 @@ def bidirectional_recurrence(
   the parallel kernels run one recurrence over the two directions stacked, the second flipped.
   """
   if resolve_implementation(implementation) == "sequential":
-    return _bidirectional_sequential(decay, drive, int(unroll))
+    (decay, drive), dtype = _at_least_float32(decay, drive)
+    forward, backward = _bidirectional_sequential(decay, drive, int(unroll))
+    return forward.astype(dtype), backward.astype(dtype)
   flip = functools.partial(jnp.flip, axis=-2)
   both = linear_recurrence(jnp.stack([decay, flip(decay)]), jnp.stack([drive, flip(drive)]),
                            implementation=implementation, chunk=chunk, unroll=unroll)
