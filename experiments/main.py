@@ -11,7 +11,9 @@ checkpoint. Outputs in the work directory:
   results.json           [{"exit", "si_snri_db", "params", "gmac_per_s"}, ...] on the test split
   evaluation.json        everything measured (per-exit SI-SNR/SDRi, exit policies, regret)
   plots/                 learning curve, SI-SNRi vs GMAC/s, regret vs GMAC/s
-Multi-host: pass --coordinator-address/--num-processes/--process-id (or the JAX_* variables).
+Multi-host: pass --coordinator-address/--num-processes/--process-id (or the JAX_* variables);
+under `srun` with several tasks the processes join through SLURM's variables alone, and with
+PRESS_AUTO_DISTRIBUTED=1 (TPU pods) JAX finds the other hosts itself (press_jax.distributed).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import os
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 import data_pipelines
@@ -42,21 +45,36 @@ def data_arguments(data: configs.DataConfig) -> dict:
 
 
 def build_data(data: configs.DataConfig) -> None:
-  """Prepare the dataset once (press_synth is synthesised; others read the user's corpus)."""
+  """Prepare the dataset once (press_synth is synthesised; others read the user's corpus).
+
+  With several processes the lead one builds it and the others wait for it (two builders
+  racing on one directory fail), which needs the data directory on storage every host sees.
+  """
   started = time.perf_counter()
+  if jax.process_count() > 1:
+    if jax.process_index() == 0:
+      data_pipelines.build_dataset(data.dataset, data.data_dir, data.manual_dir,
+                                   data.builder_config)
+    multihost_utils.sync_global_devices("experiments.main: dataset prepared")
   data_pipelines.build_dataset(data.dataset, data.data_dir, data.manual_dir,
                                data.builder_config)
   print(f"[data] {data.dataset}/{data.builder_config} ready "
         f"({time.perf_counter() - started:.1f} s)", flush=True)
 
 
-def eval_iterator_factory(data: configs.DataConfig, split: str, max_batches: int | None):
-  """A callable returning a fresh full-length pass over `split` (at most max_batches)."""
+def eval_iterator_factory(data: configs.DataConfig, split: str, max_batches: int | None,
+                          whole_split: bool = False):
+  """A callable returning a fresh full-length pass over `split` (at most max_batches).
+
+  Each host reads its share of the split (what the data-parallel validation in training
+  gathers), or with `whole_split` all of it (the host-local test evaluation).
+  """
+  hosts = {"process_index": 0, "process_count": 1} if whole_split else {}
 
   def make():
     iterator = data_pipelines.make_eval_iterator(
         data.dataset, split=split, batch_size_per_device=data.eval_batch_size_per_device,
-        bucket_seconds=data.bucket_seconds, **data_arguments(data))
+        bucket_seconds=data.bucket_seconds, **hosts, **data_arguments(data))
     for index, batch in enumerate(iterator):
       if max_batches is not None and index >= max_batches:
         return
@@ -124,13 +142,18 @@ def run_finetuning(experiment: configs.ExperimentConfig, workdir: str, init_from
 
 def run_evaluation(experiment: configs.ExperimentConfig, model_dir: str, split: str,
                    max_batches: int | None) -> dict:
-  """Stage 3: every exit and the exit policies on `split` (at most `max_batches` batches)."""
+  """Stage 3: every exit and the exit policies on `split` (at most `max_batches` batches).
+
+  On every host, over the whole split: the evaluator is host-local, and each host gets the same
+  summary (multi-host runs repeat it rather than report one host's share).
+  """
   loaded = model_dir_lib.load(model_dir)
   model, params = loaded.model, loaded.params
   costs = compute.exit_costs(model.config)
   started = time.perf_counter()
   summary = evaluation.evaluate(
-      model, params, eval_iterator_factory(experiment.data, split, max_batches)(),
+      model, params, eval_iterator_factory(experiment.data, split, max_batches,
+                                           whole_split=True)(),
       [c.gmac_per_s for c in costs], experiment.policy, with_sdr=experiment.with_sdr,
       post_calibration=loaded.calibration)
   summary["post_calibration"] = loaded.calibration is not None
@@ -143,9 +166,13 @@ def run_evaluation(experiment: configs.ExperimentConfig, model_dir: str, split: 
 
 
 def save_final_model(stage_dir: str, directory: str) -> None:
-  """The last stage's parameters as a saved model (press_net.save), what press-separate reads."""
+  """The last stage's parameters as a saved model (press_net.save), what press-separate reads.
+
+  Every process restores the checkpoint (orbax synchronises the processes); the lead one writes.
+  """
   model, params = checkpointing.load_model(stage_dir)
-  press_net.save(directory, model, params)
+  if jax.process_index() == 0:
+    press_net.save(directory, model, params)
 
 
 def write_results(workdir: str, summary: dict) -> str:
@@ -226,8 +253,8 @@ def run(experiment: configs.ExperimentConfig, workdir: str) -> dict:
                            experiment.max_test_batches)
   summary["training"] = {"steps": trained_steps, "planned_steps": experiment.train.steps,
                          "time_limit_s": experiment.train.time_limit_s}
+  save_final_model(model_dir, os.path.join(workdir, "model"))
   if jax.process_index() == 0:
-    save_final_model(model_dir, os.path.join(workdir, "model"))
     results_path = write_results(workdir, summary)
     plot_paths = plots.plot_run(workdir, summary)
     plot_paths.append(os.path.join(workdir, plots.PLOT_DIR, "exit_map.png"))
