@@ -11,7 +11,9 @@ checkpoint. Outputs in the work directory:
   results.json           [{"exit", "si_snri_db", "params", "gmac_per_s"}, ...] on the test split
   evaluation.json        everything measured (per-exit SI-SNR/SDRi, exit policies, regret)
   plots/                 learning curve, SI-SNRi vs GMAC/s, regret vs GMAC/s
-Multi-host: pass --coordinator-address/--num-processes/--process-id (or the JAX_* variables).
+Multi-host: pass --coordinator-address/--num-processes/--process-id (or the JAX_* variables);
+under `srun` with several tasks the processes join through SLURM's variables alone, and with
+PRESS_AUTO_DISTRIBUTED=1 (TPU pods) JAX finds the other hosts itself (press_jax.distributed).
 Every host evaluates its shard of each split; the summary (the same on every host, written by
 process 0) covers the whole split (press_jax.evaluation, docs/training.md "Evaluation").
 """
@@ -26,6 +28,7 @@ import os
 import time
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 
 import data_pipelines
@@ -44,8 +47,17 @@ def data_arguments(data: configs.DataConfig) -> dict:
 
 
 def build_data(data: configs.DataConfig) -> None:
-  """Prepare the dataset once (press_synth is synthesised; others read the user's corpus)."""
+  """Prepare the dataset once (press_synth is synthesised; others read the user's corpus).
+
+  With several processes the lead one builds it and the others wait for it (two builders
+  racing on one directory fail), which needs the data directory on storage every host sees.
+  """
   started = time.perf_counter()
+  if jax.process_count() > 1:
+    if jax.process_index() == 0:
+      data_pipelines.build_dataset(data.dataset, data.data_dir, data.manual_dir,
+                                   data.builder_config)
+    multihost_utils.sync_global_devices("experiments.main: dataset prepared")
   data_pipelines.build_dataset(data.dataset, data.data_dir, data.manual_dir,
                                data.builder_config)
   print(f"[data] {data.dataset}/{data.builder_config} ready "
@@ -145,9 +157,13 @@ def run_evaluation(experiment: configs.ExperimentConfig, model_dir: str, split: 
 
 
 def save_final_model(stage_dir: str, directory: str) -> None:
-  """The last stage's parameters as a saved model (press_net.save), what press-separate reads."""
+  """The last stage's parameters as a saved model (press_net.save), what press-separate reads.
+
+  Every process restores the checkpoint (orbax synchronises the processes); the lead one writes.
+  """
   model, params = checkpointing.load_model(stage_dir)
-  press_net.save(directory, model, params)
+  if jax.process_index() == 0:
+    press_net.save(directory, model, params)
 
 
 def write_results(workdir: str, summary: dict) -> str:
@@ -228,8 +244,8 @@ def run(experiment: configs.ExperimentConfig, workdir: str) -> dict:
                            experiment.max_test_batches)
   summary["training"] = {"steps": trained_steps, "planned_steps": experiment.train.steps,
                          "time_limit_s": experiment.train.time_limit_s}
+  save_final_model(model_dir, os.path.join(workdir, "model"))
   if jax.process_index() == 0:
-    save_final_model(model_dir, os.path.join(workdir, "model"))
     results_path = write_results(workdir, summary)
     plot_paths = plots.plot_run(workdir, summary)
     plot_paths.append(os.path.join(workdir, plots.PLOT_DIR, "exit_map.png"))

@@ -143,9 +143,19 @@ def calls(monkeypatch):
   monkeypatch.setattr(distributed.jax.distributed, "initialize",
                       lambda *args, **kwargs: recorded.append((args, kwargs)))
   for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-               "PRESS_AUTO_DISTRIBUTED"):
+               "PRESS_AUTO_DISTRIBUTED") + distributed.SLURM_VARIABLES:
     monkeypatch.delenv(name, raising=False)
   return recorded
+
+
+def set_slurm(monkeypatch, tasks, **changes):
+  values = {"SLURM_JOB_ID": "4242", "SLURM_STEP_NODELIST": "gpu[001-002]",
+            "SLURM_NTASKS": str(tasks), "SLURM_PROCID": "1", "SLURM_LOCALID": "1", **changes}
+  for name, value in values.items():
+    if value is None:
+      monkeypatch.delenv(name, raising=False)
+    else:
+      monkeypatch.setenv(name, value)
 
 
 def test_single_process_does_nothing(calls):
@@ -179,3 +189,32 @@ def test_incomplete_settings_are_rejected(calls, arguments, match):
   with pytest.raises(ValueError, match=match):
     distributed.initialize_from_flags_or_environment(**arguments)
   assert calls == []
+
+
+def test_slurm_step_of_several_tasks_initialises_without_arguments(calls, monkeypatch):
+  set_slurm(monkeypatch, tasks=8)
+  assert distributed.slurm_process_count() == 8
+  assert distributed.initialize_from_flags_or_environment() is True
+  assert calls == [((), {})]  # JAX reads SLURM's variables itself.
+
+
+@pytest.mark.parametrize("tasks, changes, environment", [
+    (1, {}, {}),  # One task: a single process, nothing to join.
+    (4, {"SLURM_STEP_NODELIST": None}, {}),  # Not inside a job step (no srun).
+    (4, {}, {"PRESS_AUTO_DISTRIBUTED": "0"}),  # Detection turned off.
+])
+def test_slurm_detection_needs_a_step_of_several_tasks(calls, monkeypatch, tasks, changes,
+                                                       environment):
+  set_slurm(monkeypatch, tasks, **changes)
+  for name, value in environment.items():
+    monkeypatch.setenv(name, value)
+  assert distributed.initialize_from_flags_or_environment() is False
+  assert calls == []
+
+
+def test_explicit_settings_win_over_slurm(calls, monkeypatch):
+  set_slurm(monkeypatch, tasks=8)
+  assert distributed.initialize_from_flags_or_environment("host:1", 2, 0) is True
+  assert calls == [((), {"coordinator_address": "host:1", "num_processes": 2,
+                         "process_id": 0})]
+  assert distributed.initialize_from_flags_or_environment(num_processes=1) is False

@@ -54,8 +54,12 @@ def worker_env(devices: int) -> dict[str, str]:
       PRESS_JAX_TEST_XLA_CACHE=XLA_CACHE_DIR,
       PYTHONPATH=REPO_ROOT + os.pathsep + env.get("PYTHONPATH", ""),
       PYTHONUNBUFFERED="1")
-  for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
-    env.pop(name, None)
+  # A worker joins a multi-process run only as its test says (flags or SLURM-style variables
+  # in extra_env), not because the test session itself runs inside a SLURM job.
+  for name in list(env):
+    if name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                "PRESS_AUTO_DISTRIBUTED") or name.startswith("SLURM_"):
+      env.pop(name)
   return env
 
 
