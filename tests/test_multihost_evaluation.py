@@ -15,9 +15,6 @@ order (psum within one process vs across processes), then in float64 on the host
 """
 
 import json
-import signal
-import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -49,20 +46,7 @@ def runs(tmp_path_factory):
     processes.append(worker_util.start_worker(
         "evaluate", spec, str(directory / f"spec{process_id}.json"), devices=2,
         log_path=logs[-1]))
-  try:
-    for process, log in zip(processes, logs):
-      process.wait(timeout=300)
-      assert process.returncode == 0, worker_util.tail(log)
-  except subprocess.TimeoutExpired:
-    for process in processes:  # Python stacks into the logs (tests/train_worker.py).
-      process.send_signal(signal.SIGUSR1)
-    time.sleep(2)
-    raise AssertionError("multi-host evaluation workers timed out:\n" + "\n".join(
-        worker_util.tail(log, 3000) for log in logs))
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
+  worker_util.wait_for_workers(processes, logs, timeout=300, what="multi-host evaluation workers")
   multi = []
   for process_id in range(2):
     with open(directory / f"multi_result.process{process_id}.json") as handle:

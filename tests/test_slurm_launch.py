@@ -62,17 +62,7 @@ def slurm_run(tmp_path_factory):
     processes.append(worker_util.start_worker(
         "train", spec, str(directory / f"spec{process_id}.json"), devices=2,
         log_path=logs[-1], extra_env=slurm_environment(job_id, process_id, 2)))
-  try:
-    for process, log in zip(processes, logs):
-      process.wait(timeout=400)
-      assert process.returncode == 0, worker_util.tail(log)
-  except subprocess.TimeoutExpired:
-    raise AssertionError("SLURM-launched workers timed out:\n" + "\n".join(
-        worker_util.tail(log, 3000) for log in logs))
-  finally:
-    for process in processes:
-      if process.poll() is None:
-        process.kill()
+  worker_util.wait_for_workers(processes, logs, timeout=400, what="SLURM-launched workers")
   results = []
   for process_id in range(2):
     with open(directory / f"result.process{process_id}.json") as handle:

@@ -20,9 +20,11 @@ import atexit
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
+import time
 from typing import Any
 
 import numpy as np
@@ -84,6 +86,29 @@ def start_worker(mode: str, spec: dict[str, Any], spec_path: str, devices: int,
 def tail(path: str, characters: int = 6000) -> str:
   with open(path, errors="replace") as handle:
     return handle.read()[-characters:]
+
+
+def wait_for_workers(processes: list[subprocess.Popen], logs: list[str], timeout: float,
+                     what: str) -> None:
+  """Waits for every worker, asserting exit status 0 (with its log's tail).
+
+  On a timeout the workers get SIGUSR1 first (tests/train_worker.py dumps its Python stacks
+  into its log) and the assertion shows every log's tail; the workers are killed in any case.
+  """
+  try:
+    for process, log in zip(processes, logs):
+      process.wait(timeout=timeout)
+      assert process.returncode == 0, tail(log)
+  except subprocess.TimeoutExpired:
+    for process in processes:
+      if process.poll() is None:
+        process.send_signal(signal.SIGUSR1)
+    time.sleep(2)
+    raise AssertionError(f"{what} timed out:\n" + "\n".join(tail(log, 3000) for log in logs))
+  finally:
+    for process in processes:
+      if process.poll() is None:
+        process.kill()
 
 
 def run_worker(mode: str, spec: dict[str, Any], workdir: str, devices: int,
