@@ -227,8 +227,9 @@ def test_per_exit_graphs_hold_only_what_the_exit_needs():
     counts.append(len(re.findall(r"= stablehlo\.dot_general", module)))
     # Only the groups used are embedded, sliced: no (groups=4, 16, 48) stacked kernel.
     assert "tensor<4x16x48xf32>" not in module and "tensor<16x48xf32>" in module
-  # Encoder 2 + encoder block 4 + speaker split 2 + stage 10 + heads 5 (pooling included).
-  assert counts == [23, 33, 43], counts
+  # Frame context 1 (one-hot block counts) + encoder 2 + encoder block 4 + speaker split 2 +
+  # stage 10 + heads 5 (pooling included).
+  assert counts == [24, 34, 44], counts
 
 
 # --- the numpy exit rule ----------------------------------------------------------------------
@@ -401,10 +402,8 @@ def test_cli_usage_errors(tmp_path, capsys, saved_model):
   out = tmp_path / "out"
   assert_usage_error(run_cli(capsys, tmp_path / "missing", "--format", "safetensors", "--out",
                              out), "missing", "no such model directory")
-  assert_usage_error(run_cli(capsys, saved_model, "--format", "onnx", "--out", out),
-                     "--format onnx", "ONNX export is not built yet")
   assert_usage_error(run_cli(capsys, saved_model, "--format", "tflite", "--out", out),
-                     "--format tflite", "expected one of safetensors, stablehlo")
+                     "--format tflite", "expected one of safetensors, stablehlo, onnx")
   assert_usage_error(run_cli(capsys, saved_model, "--format", "stablehlo", "--out", out,
                              "--exits", "1,3"), "--exits 1,3", "2 exits", "1..2")
   assert_usage_error(run_cli(capsys, saved_model, "--format", "stablehlo", "--out", out,
@@ -414,7 +413,9 @@ def test_cli_usage_errors(tmp_path, capsys, saved_model):
   assert_usage_error(run_cli(capsys, saved_model, "--format", "stablehlo", "--out", out,
                              "--platforms", "cpu,gameboy"), "--platforms", "gameboy")
   assert_usage_error(run_cli(capsys, saved_model, "--format", "safetensors", "--out", out,
-                             "--exits", "1"), "--format stablehlo only")
+                             "--exits", "1"), "--format stablehlo or onnx only")
+  assert_usage_error(run_cli(capsys, saved_model, "--format", "safetensors", "--out", out,
+                             "--platforms", "cpu"), "--format stablehlo only")
   a_file = tmp_path / "a_file"
   a_file.write_text("x")
   assert_usage_error(run_cli(capsys, saved_model, "--format", "safetensors", "--out", a_file),

@@ -10,6 +10,8 @@ output directory at the end, so a directory with that name is always complete. L
   press_exit_rule.py            the exit rule in numpy + scipy (export.exit_rule_numpy)
   press_all_exits.stablehlo     --format stablehlo: every exit (export.stablehlo)
   press_exit<k>.stablehlo       --format stablehlo: exit k alone, for each chosen k
+  press_all_exits.onnx          --format onnx: every exit (export.onnx_graphs)
+  press_exit<k>.onnx            --format onnx: exit k alone, for each chosen k
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import jax
 import numpy as np
 
 import press_jax
-from press_jax.export import exit_rule_numpy, params as params_lib, stablehlo
+from press_jax.export import exit_rule_numpy, forward, onnx_graphs, params as params_lib, stablehlo
 
-FORMATS = ("safetensors", "stablehlo")
-NOT_BUILT = {"onnx": "ONNX export is not built yet (docs/export.md)"}
+FORMATS = ("safetensors", "stablehlo", "onnx")
+GRAPH_FORMATS = ("stablehlo", "onnx")  # The formats with graphs (--exits, --no-verify).
 RULE_FILE = "press_exit_rule.py"
 FORMAT_VERSION = 1
 # The exit rule's defaults, as press-separate has them.
@@ -124,7 +126,7 @@ def verification_inputs(config, batch: int = 2) -> tuple[np.ndarray, np.ndarray]
 def max_abs_differences(got, expected) -> tuple[dict[str, float], bool]:
   """{output: max |got - expected|} and whether each is within VERIFY_TOLERANCE (relative)."""
   differences, within = {}, True
-  for name, a, b in zip(stablehlo.OUTPUT_NAMES, got, expected):
+  for name, a, b in zip(forward.OUTPUT_NAMES, got, expected):
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     differences[name] = float(np.max(np.abs(a - b))) if a.size else 0.0
     within &= a.shape == b.shape and differences[name] <= VERIFY_TOLERANCE * max(
@@ -133,6 +135,14 @@ def max_abs_differences(got, expected) -> tuple[dict[str, float], bool]:
 
 
 # --- the export -------------------------------------------------------------------------------
+def unavailable(fmt: str) -> str | None:
+  """Why `fmt` cannot be written on this installation (onnx without its extra), else None."""
+  if fmt == "onnx":
+    problem = onnx_graphs.missing_extra()
+    return f"--format onnx: {problem}" if problem else None
+  return None
+
+
 def write_export(
     loaded,
     out_dir: str,
@@ -141,28 +151,32 @@ def write_export(
     exits: Sequence[int] | None = None,
     overwrite: bool = False,
     platforms: Sequence[str] | None = None,
+    opset: int = onnx_graphs.OPSET,
     verify: bool = True,
     log: Callable[[str], None] = lambda message: None,
 ) -> dict[str, Any]:
   """Writes the export of `loaded` (a model_dir.LoadedModel) to `out_dir`; returns the manifest.
 
-  fmt 'safetensors': parameters, exit rule, press_config.json; 'stablehlo': the same plus the
-  all-exits graph and the graphs of `exits` (1-based, default all). `verify` runs each graph
-  once, deserialised, against `model.apply` on a random padded batch (where the graphs were
-  lowered for this machine's platform) and raises ExportError if it differs by more than
+  fmt 'safetensors': parameters, exit rule, press_config.json; 'stablehlo' / 'onnx': the same
+  plus the all-exits graph and the graphs of `exits` (1-based, default all). `platforms` applies
+  to StableHLO, `opset` to ONNX. `verify` runs each graph once as written (StableHLO
+  deserialised where lowered for this machine's platform; ONNX in onnxruntime) against
+  `model.apply` on a random padded batch and raises ExportError if it differs by more than
   VERIFY_TOLERANCE; the differences go into press_config.json.
   """
-  if fmt in NOT_BUILT:
-    raise ExportError(f"--format {fmt}: {NOT_BUILT[fmt]}")
   if fmt not in FORMATS:
     raise ExportError(f"--format {fmt}: expected one of {', '.join(FORMATS)}")
-  problem = output_dir_problem(out_dir, overwrite)
+  problem = unavailable(fmt) or output_dir_problem(out_dir, overwrite)
   if problem:
     raise ExportError(problem)
   model, params = loaded.model, loaded.params
   config = model.config
-  chosen = check_exits(exits, config.exits) if fmt == "stablehlo" else []
+  chosen = check_exits(exits, config.exits) if fmt in GRAPH_FORMATS else []
   platforms = stablehlo.check_platforms(platforms)
+  try:
+    opset = onnx_graphs.check_opset(opset)
+  except ValueError as error:
+    raise ExportError(f"--opset {opset}: {error}") from None
   parent, name = os.path.split(os.path.abspath(out_dir))
   temporary = tempfile.mkdtemp(prefix=f".{name}.partial-", dir=parent)
   try:
@@ -173,8 +187,11 @@ def write_export(
                              "the exit rule in numpy + scipy, stand-alone (no JAX)"))
     graphs = None
     if fmt == "stablehlo":
-      graphs = _write_graphs(temporary, model, params, chosen, platforms, verify, files, log)
-    manifest = _manifest(loaded, params, files, graphs)
+      graphs = _write_graphs(_StableHLO(platforms), temporary, model, params, chosen, verify,
+                             files, log)
+    elif fmt == "onnx":
+      graphs = _write_graphs(_ONNX(opset), temporary, model, params, chosen, verify, files, log)
+    manifest = _manifest(loaded, params, files, fmt, graphs)
     with open(os.path.join(temporary, params_lib.CONFIG_FILE), "w") as handle:
       json.dump(manifest, handle, indent=1)
     _publish_permissions(temporary)
@@ -185,31 +202,91 @@ def write_export(
   return manifest
 
 
-def _write_graphs(directory, model, params, chosen, platforms, verify, files, log):
-  """Lowers, writes and (optionally) checks the graphs; returns press_config.json's section."""
-  platform = jax.default_backend()
-  checking = verify and (platforms is None or platform in platforms)
+class _StableHLO:
+  """How the StableHLO graphs are built, written, run and described (export.stablehlo)."""
+
+  def __init__(self, platforms):
+    self.platforms = platforms
+    self.all_exits_file, self.exit_file = stablehlo.ALL_EXITS_FILE, stablehlo.exit_file
+    self.what = "StableHLO (jax.export, serialised)"
+    self.runtime = "jax.export.deserialize + Exported.call"
+
+  def can_verify(self) -> bool:
+    return self.platforms is None or jax.default_backend() in self.platforms
+
+  def build(self, model, params, exit_number):
+    if exit_number is None:
+      return stablehlo.export_all_exits(model, params, self.platforms)
+    return stablehlo.export_exit(model, params, exit_number, self.platforms)
+
+  save, describe = staticmethod(stablehlo.save), staticmethod(stablehlo.describe)
+
+  def run(self, path, mixture, mask):
+    return stablehlo.call(stablehlo.load(path), mixture, mask)
+
+  def section(self, described, model):
+    return {"symbolic_dimensions": {"batch": "any >= 1", "samples": "any >= 1",
+                                    "blocks": f"ceil(samples / {model.config.block_length})"},
+            "platforms": described["platforms"],
+            "calling_convention_version": described["calling_convention_version"],
+            "compatibility": "jax.export: loadable by jax releases within 6 months after the one "
+                             "that wrote it (1 month before); keep press_params.safetensors for "
+                             "later"}
+
+
+class _ONNX:
+  """How the ONNX graphs are built, written, run and described (export.onnx_graphs)."""
+
+  def __init__(self, opset):
+    self.opset = opset
+    self.all_exits_file, self.exit_file = onnx_graphs.ALL_EXITS_FILE, onnx_graphs.exit_file
+    self.what = f"ONNX (opset {opset}, jax2onnx)"
+    self.runtime = "onnxruntime CPUExecutionProvider"
+
+  def can_verify(self) -> bool:
+    return True
+
+  def build(self, model, params, exit_number):
+    if exit_number is None:
+      return onnx_graphs.export_all_exits(model, params, self.opset)
+    return onnx_graphs.export_exit(model, params, exit_number, self.opset)
+
+  save, describe = staticmethod(onnx_graphs.save), staticmethod(onnx_graphs.describe)
+
+  def run(self, path, mixture, mask):
+    return onnx_graphs.call(onnx_graphs.load(path), mixture, mask)
+
+  def section(self, described, model):
+    block_length = model.config.block_length
+    return {"dynamic_dimensions": {
+                "batch": "any >= 1", "samples": "any >= 1",
+                f"floordiv(samples + {block_length - 1}, {block_length})":
+                    f"blocks = ceil(samples / {block_length})"},
+            "opset": described["opset"], "converter": onnx_graphs.versions(),
+            "tracing": "jax.make_jaxpr at symbolic (batch, samples), then jax2onnx.to_onnx of "
+                       "jax.extend.core.jaxpr_as_fun (docs/export.md)"}
+
+
+def _write_graphs(backend, directory, model, params, chosen, verify, files, log):
+  """Builds, writes and (optionally) checks the graphs; returns press_config.json's section."""
+  checking = verify and backend.can_verify()
   if checking:
     mixture, mask = verification_inputs(model.config)
     reference = jax.jit(model.apply)({"params": params}, mixture, mask)
     reference = (reference.mean, reference.log_var, reference.log_alpha)
-  targets = [(stablehlo.ALL_EXITS_FILE, None)] + [(stablehlo.exit_file(k), k) for k in chosen]
+  targets = [(backend.all_exits_file, None)] + [(backend.exit_file(k), k) for k in chosen]
   described, differences = {}, {}
   for file_name, exit_number in targets:
     what = "every exit" if exit_number is None else f"exit {exit_number}"
-    log(f"lowering {what} -> {file_name}")
-    if exit_number is None:
-      exported = stablehlo.export_all_exits(model, params, platforms)
-    else:
-      exported = stablehlo.export_exit(model, params, exit_number, platforms)
+    log(f"converting {what} -> {file_name}")
+    graph = backend.build(model, params, exit_number)
     path = os.path.join(directory, file_name)
-    stablehlo.save(path, exported)
-    description = described[file_name] = stablehlo.describe(exported)
-    files.append(_file_entry(directory, file_name,
-                             f"StableHLO (jax.export, serialised) of {what}",
+    backend.save(path, graph)
+    description = described[file_name] = backend.describe(graph)
+    files.append(_file_entry(directory, file_name, f"{backend.what} of {what}",
                              inputs=description["inputs"], outputs=description["outputs"]))
     if checking:
-      got = stablehlo.call(stablehlo.load(path), mixture, mask)
+      got = backend.run(path, mixture, mask)
       expected = reference if exit_number is None else tuple(
           r[exit_number - 1] for r in reference)
       differences[file_name], within = max_abs_differences(got, expected)
@@ -217,25 +294,21 @@ def _write_graphs(directory, model, params, chosen, platforms, verify, files, lo
         raise ExportError(f"{file_name}: the exported graph differs from model.apply by "
                           f"{differences[file_name]} (tolerance {VERIFY_TOLERANCE} relative)",
                           status=1)
-  first = described[stablehlo.ALL_EXITS_FILE]
+  first = described[backend.all_exits_file]
   return {
       "inputs": first["inputs"],
-      "symbolic_dimensions": {"batch": "any >= 1", "samples": "any >= 1",
-                              "blocks": f"ceil(samples / {model.config.block_length})"},
-      "platforms": first["platforms"],
-      "calling_convention_version": first["calling_convention_version"],
-      "recurrence": stablehlo.EXPORT_RECURRENCE,
+      **backend.section(first, model),
+      "recurrence": forward.EXPORT_RECURRENCE,
       "per_exit_graphs": chosen,
-      "compatibility": "jax.export: loadable by jax releases within 6 months after the one that "
-                       "wrote it (1 month before); keep press_params.safetensors for later",
       "verification": ({"inputs": "random mixture, batch 2, 2 blocks + 37 samples, item 2 "
                                   "padded at the end",
-                        "reference": "jax.jit(model.apply) on " + platform,
+                        "reference": "jax.jit(model.apply) on " + jax.default_backend(),
+                        "runtime": backend.runtime,
                         "max_abs_difference": differences} if checking else None),
   }
 
 
-def _manifest(loaded, params, files, graphs) -> dict[str, Any]:
+def _manifest(loaded, params, files, fmt, graphs) -> dict[str, Any]:
   config = loaded.model.config
   count = int(sum(np.size(leaf) for leaf in jax.tree_util.tree_leaves(params)))
   files = files + [{"name": params_lib.CONFIG_FILE,
@@ -259,5 +332,5 @@ def _manifest(loaded, params, files, graphs) -> dict[str, Any]:
       "files": files,
   }
   if graphs is not None:
-    manifest["stablehlo"] = graphs
+    manifest[fmt] = graphs
   return manifest

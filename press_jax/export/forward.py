@@ -9,6 +9,10 @@ group's parameters sliced from the stacked scan parameters, between the shared p
 `encode_and_split` (everything before the stages), `cumulative_exit_parameters` and
 `finish_exits`. No layer is written again here. The stages before exit k run without their
 waveform heads (`heads='none'`, or `'variance'` with cumulative exits, which need them).
+
+The exported graphs' contract, shared by the StableHLO and ONNX exports (docs/export.md):
+`graph_function` is what both trace, `input_specs` their symbolic inputs, `export_model` the
+network they trace (the sequential recurrence, the only kernel that takes a symbolic length).
 """
 
 from __future__ import annotations
@@ -16,12 +20,17 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.export
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
 from press_jax.models import press_net
 from press_jax.types import ExitOutputs
+
+INPUT_NAMES = ("mixture", "mask")
+OUTPUT_NAMES = ("mean", "log_var", "log_alpha")
+EXPORT_RECURRENCE = "sequential"
 
 
 def check_exit_number(config, exit_number: int) -> int:
@@ -88,3 +97,46 @@ def forward_through_exit(
         jnp.concatenate([v for v, _ in variances]), jnp.concatenate([a for _, a in variances]))
     log_var, log_alpha = log_var[-1:], log_alpha[-1:]
   return press_net.finish_exits(config, prepared, mean, log_var, log_alpha)
+
+
+# --- the exported graphs' contract ------------------------------------------------------------
+def export_model(model: press_net.PressNet) -> press_net.PressNet:
+  """The network the graphs are traced with: the same one with the sequential recurrence.
+
+  The associative and chunked kernels cannot take a symbolic length (jax: "associative scan over
+  axis of non-constant size"); the sequential one runs a loop over time (StableHLO `while`,
+  ONNX `Loop`) in the forward direction only, both directions in one loop. Same values as the
+  other kernels to float rounding; it is what 'auto' picks on CPU.
+  """
+  return press_net.PressNet(model.config.replace(recurrence=EXPORT_RECURRENCE))
+
+
+def input_specs() -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
+  """(mixture, mask) specs, float32 (batch, samples) with shared symbolic dimensions."""
+  batch, samples = jax.export.symbolic_shape("batch, samples")
+  spec = jax.ShapeDtypeStruct((batch, samples), jnp.float32)
+  return spec, spec
+
+
+def graph_function(model: press_net.PressNet, params: Any, exit_number: int | None = None):
+  """The function an exported graph computes, the parameters closed over as constants.
+
+  (mixture, mask), each float32 (batch, samples), -> (mean, log_var, log_alpha):
+  every exit (exit_number None, `PressNet.apply`): mean (exits, batch, speakers, samples),
+  log_var and log_alpha (exits, batch, speakers, blocks); exit k alone
+  (`forward_through_exit`): the same without the exit axis. Traced with `export_model(model)`.
+  """
+  traced = export_model(model)
+  if exit_number is not None:
+    exit_number = check_exit_number(model.config, exit_number)
+  params = jax.tree_util.tree_map(jnp.asarray, params)
+
+  def all_exits(mixture, mask):
+    outputs = traced.apply({"params": params}, mixture, mask)
+    return outputs.mean, outputs.log_var, outputs.log_alpha
+
+  def one_exit(mixture, mask):
+    outputs = forward_through_exit(traced, params, mixture, mask, exit_number=exit_number)
+    return outputs.mean[0], outputs.log_var[0], outputs.log_alpha[0]
+
+  return all_exits if exit_number is None else one_exit

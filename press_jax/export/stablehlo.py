@@ -33,10 +33,12 @@ from press_jax.export import forward
 from press_jax.models import press_net
 
 ALL_EXITS_FILE = "press_all_exits.stablehlo"
-INPUT_NAMES = ("mixture", "mask")
-OUTPUT_NAMES = ("mean", "log_var", "log_alpha")
+INPUT_NAMES = forward.INPUT_NAMES
+OUTPUT_NAMES = forward.OUTPUT_NAMES
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
-EXPORT_RECURRENCE = "sequential"
+EXPORT_RECURRENCE = forward.EXPORT_RECURRENCE
+export_model = forward.export_model
+input_specs = forward.input_specs
 
 
 def exit_file(exit_number: int) -> str:
@@ -44,19 +46,7 @@ def exit_file(exit_number: int) -> str:
   return f"press_exit{exit_number}.stablehlo"
 
 
-def input_specs() -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:
-  """(mixture, mask) specs, float32 (batch, samples) with shared symbolic dimensions."""
-  batch, samples = jax.export.symbolic_shape("batch, samples")
-  spec = jax.ShapeDtypeStruct((batch, samples), jnp.float32)
-  return spec, spec
-
-
 # --- tracing and lowering ---------------------------------------------------------------------
-def export_model(model: press_net.PressNet) -> press_net.PressNet:
-  """The model the graphs are traced with: the same network with the sequential recurrence."""
-  return press_net.PressNet(model.config.replace(recurrence=EXPORT_RECURRENCE))
-
-
 def _lower(function: Callable, platforms) -> jax.export.Exported:
   return jax.export.export(jax.jit(function), platforms=platforms)(*input_specs())
 
@@ -75,29 +65,14 @@ def check_platforms(platforms) -> tuple[str, ...] | None:
 def export_all_exits(model: press_net.PressNet, params: Any,
                      platforms=None) -> jax.export.Exported:
   """Every exit: (mixture, mask) -> mean (E, b, S, L), log_var, log_alpha (E, b, S, blocks)."""
-  traced = export_model(model)
-  params = jax.tree_util.tree_map(jnp.asarray, params)
-
-  def all_exits(mixture, mask):
-    outputs = traced.apply({"params": params}, mixture, mask)
-    return outputs.mean, outputs.log_var, outputs.log_alpha
-
-  return _lower(all_exits, check_platforms(platforms))
+  return _lower(forward.graph_function(model, params), check_platforms(platforms))
 
 
 def export_exit(model: press_net.PressNet, params: Any, exit_number: int,
                 platforms=None) -> jax.export.Exported:
   """Exit k only: (mixture, mask) -> mean (b, S, L), log_var, log_alpha (b, S, blocks)."""
-  traced = export_model(model)
   exit_number = forward.check_exit_number(model.config, exit_number)
-  params = jax.tree_util.tree_map(jnp.asarray, params)
-
-  def one_exit(mixture, mask):
-    outputs = forward.forward_through_exit(traced, params, mixture, mask,
-                                           exit_number=exit_number)
-    return outputs.mean[0], outputs.log_var[0], outputs.log_alpha[0]
-
-  return _lower(one_exit, check_platforms(platforms))
+  return _lower(forward.graph_function(model, params, exit_number), check_platforms(platforms))
 
 
 # --- files ------------------------------------------------------------------------------------

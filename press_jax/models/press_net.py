@@ -47,24 +47,37 @@ def compute_dtype(config: config_lib.PressConfig) -> jnp.dtype:
 
 
 # --- framing --------------------------------------------------------------------------------
+def ceil_div(numerator: int, denominator: int) -> int:
+  """ceil(numerator / denominator) for numerator >= 0, denominator > 0.
+
+  Written as a floor division of a non-negative numerator, not as -(-n // d): at a symbolic
+  length the two are different dimension expressions, and jax2onnx lowers `floordiv` to ONNX
+  integer `Div`, which truncates, so only this form is right for every length in an ONNX graph.
+  """
+  return (numerator + denominator - 1) // denominator
+
+
 def num_frames(samples: int, kernel: int, stride: int) -> int:
   """Encoder frames for `samples` samples: ceil(samples / stride) + kernel / stride - 1."""
-  return -(-samples // stride) + kernel // stride - 1
+  return ceil_div(samples, stride) + kernel // stride - 1
 
 
 def num_blocks(samples: int, block_length: int) -> int:
   """Likelihood / exit blocks: ceil(samples / block_length); the last one may be ragged."""
-  return -(-samples // block_length)
+  return ceil_div(samples, block_length)
 
 
 def frame_signal(signal: Float[Array, "batch samples"], kernel: int, stride: int):
   """Overlapping frames of a zero-padded signal, (batch, frames, kernel); a strided Conv1d input."""
   overlap = kernel // stride
   samples = signal.shape[-1]
-  segments = -(-samples // stride) + 2 * overlap - 2
+  segments = ceil_div(samples, stride) + 2 * overlap - 2
   left = (overlap - 1) * stride
-  padded = jnp.pad(signal, ((0, 0), (left, segments * stride - samples - left)))
-  pieces = padded.reshape(signal.shape[0], segments, stride)
+  # Zero padding of a constant width, cropped to whole segments: the same values as padding by
+  # `segments * stride - samples - left` on the right, but with static pad widths when `samples`
+  # is symbolic (jax.export; jax2onnx takes only constant pads).
+  padded = jnp.pad(signal, ((0, 0), (left, (2 * overlap - 1) * stride - 1 - left)))
+  pieces = padded[:, :segments * stride].reshape(signal.shape[0], segments, stride)
   frames = segments - overlap + 1
   return jnp.concatenate([pieces[:, k:k + frames] for k in range(overlap)], axis=-1)
 
@@ -422,8 +435,10 @@ def frame_context(config: config_lib.PressConfig, lengths, samples: int):
   frame_mask = (start[None, :] < lengths[:, None]).astype(jnp.float32)
   frame_block = jnp.clip(centre, 0, last_valid) // config.block_length
   blocks = num_blocks(samples, config.block_length)
-  counts = jax.vmap(lambda m, b: jax.ops.segment_sum(m, b, num_segments=blocks))(
-      frame_mask, frame_block)
+  # Valid frames per block as a one-hot contraction rather than a scatter (segment_sum): the
+  # same integer counts, and jax2onnx does not convert the scatter (press_jax/export/onnx_graphs).
+  counts = jnp.einsum("bf,bfk->bk", frame_mask,
+                      jax.nn.one_hot(frame_block, blocks, dtype=jnp.float32))
   frame_weight = frame_mask / jnp.maximum(jnp.take_along_axis(counts, frame_block, 1), 1.0)
   return frame_mask, frame_block, frame_weight
 
