@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_step, configs, main as main_job
-from press_jax import compute, metrics, model_dir, separation
+from press_jax import metrics, model_dir, separation
 from press_jax.models import press_net
 
 

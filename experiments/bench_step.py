@@ -2,12 +2,12 @@
 
 Run:
   python -m experiments.bench_step                       # the demo's step (tiny, batch 4, 2 s)
-  python -m experiments.bench_step --config tiny --set data.crop_seconds=0.25 --json
+  python -m experiments.bench_step --config tiny --config.data.crop_seconds=0.25 --json
   python -m experiments.bench_step --recurrence          # the recurrence's implementations
   python -m experiments.bench_step --recurrence --json --shape 8,4003,32
 
-Step mode. The config is `experiments.configs.get(--config)` with the `--set a.b=JSON`
-overrides applied as `experiments.main` applies them. The step is
+Step mode. The config is `--config` (a config file or name) with its `--config.a.b=value`
+overrides, resolved as `experiments.main` resolves them. The step is
 `press_jax.train_step.train_step(axis_name=None)` under `jax.jit` (state donated, as the
 trainer does), with the model `PressNet(config.train.model_config(), remat=config.train.remat)`,
 `config.train.loss_config()` and `press_jax.optim.make_optimizer(config.train.optimizer)`, on
@@ -264,7 +264,7 @@ class Setup:
 
 
 def make_setup(name: str, sets: list[str]) -> Setup:
-  experiment = configs.override(configs.get(name), sets)
+  experiment = configs.resolve(name, sets)
   train = experiment.train
   model_config = train.model_config(resolve=True)  # As the trainer builds it (dtype 'auto').
   samples = int(round(experiment.data.crop_seconds * model_config.sample_rate))
@@ -617,9 +617,7 @@ def parse_shape(text: str) -> tuple[int, int, int]:
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="demo", help="demo, tiny, S, M or <base>/<ablation>")
-  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                      help="override a config field as experiments.main does (repeatable)")
+  parser.add_argument("--config", default="demo", help=configs.CONFIG_HELP)
   parser.add_argument("--repeats", type=int, default=10,
                       help="timed warm calls per measurement (medians)")
   parser.add_argument("--seed", type=int, default=0)
@@ -630,14 +628,14 @@ def main(argv=None) -> int:
                       help="time the recurrence's implementations instead of the step")
   parser.add_argument("--shape", type=parse_shape, metavar="B,T,H",
                       help="--recurrence: (streams, frames, hidden); default: the config's")
-  args = parser.parse_args(argv)
+  args, _ = configs.parse_command_line(parser, argv)
   if args.repeats < 1:
     parser.error("--repeats must be >= 1")
   if args.shape is not None and not args.recurrence:
     parser.error("--shape only applies with --recurrence")
 
   if args.recurrence:
-    config_shape, chunk = recurrence_setup(args.config, args.set)
+    config_shape, chunk = recurrence_setup(args.config, args.config_overrides)
     shape = args.shape or config_shape
     log(f"recurrence shape {shape} (stacked directions: {(2, *shape)}), implementations "
         f"{recurrence_implementations()}" + (f", chunk {chunk}" if chunk else ""))
@@ -651,7 +649,7 @@ def main(argv=None) -> int:
       print(format_recurrence(results, shape, reference))
     return 0
 
-  result = bench_step(args.config, args.set, args.repeats, args.seed, parts=not args.no_parts)
+  result = bench_step(args.config, args.config_overrides, args.repeats, args.seed, parts=not args.no_parts)
   print(json.dumps(result) if args.json else format_step(result))
   return 0
 

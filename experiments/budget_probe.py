@@ -2,7 +2,7 @@
 
 Run (what the README's table of demo variants was measured with, 300 s each on 2 CPU cores):
   python -m experiments.budget_probe --seconds 300 --workdir runs/probe/lr3e-3 \\
-      --set train.optimizer.peak_learning_rate=3e-3
+      --config demo --config.train.optimizer.peak_learning_rate=3e-3
 Prints one JSON line {"config", "sets", "steps", "train_s", "validation_si_snri_db"} and appends
 it to --results (default runs/probe/results.jsonl). Only the crop-training stage runs (no
 fine-tuning, no test split); validation uses the config's `data.max_validation_batches`.
@@ -42,16 +42,14 @@ def probe(experiment: configs.ExperimentConfig, workdir: str, seconds: float) ->
 
 def main_cli(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="demo")
+  parser.add_argument("--config", default="demo", help=configs.CONFIG_HELP)
   parser.add_argument("--seconds", type=float, default=300.0, help="training wall-time budget")
   parser.add_argument("--workdir", required=True)
-  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
   parser.add_argument("--results", default=os.path.join("runs", "probe", "results.jsonl"))
-  args = parser.parse_args(argv)
+  args, experiment = configs.parse_command_line(parser, argv)
   if args.seconds <= 0:
     parser.error(f"--seconds must be positive, got {args.seconds}")
-  experiment = configs.override(configs.get(args.config), args.set)
-  row = {"config": args.config, "sets": args.set, **probe(experiment, args.workdir, args.seconds)}
+  row = {"config": args.config, "sets": args.config_overrides, **probe(experiment, args.workdir, args.seconds)}
   print(json.dumps(row), flush=True)
   os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)
   with open(args.results, "a") as handle:

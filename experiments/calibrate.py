@@ -53,18 +53,17 @@ def main_cli(argv=None):
   parser.add_argument("--model-dir", required=True,
                       help="a main-job work directory (runs/demo), a saved model or a training "
                            "work directory")
-  parser.add_argument("--config", default="demo", help="experiment whose data settings to use")
-  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
+  parser.add_argument("--config", default="demo",
+                      help="the experiment whose data settings to use: " + configs.CONFIG_HELP)
   parser.add_argument("--max-batches", type=int, default=None,
                       help="at most this many batches per split (default: all)")
   parser.add_argument("--shared", action="store_true",
                       help="one pair of factors for all exits instead of one per exit")
-  args = parser.parse_args(argv)
+  args, experiment = configs.parse_command_line(parser, argv)
   try:
     loaded = model_dir.load(args.model_dir)
   except model_dir.ModelDirError as error:
     parser.error(f"--model-dir {error}")
-  experiment = configs.override(configs.get(args.config), args.set)
   main.build_data(experiment.data)
   data = experiment.data
 

@@ -5,7 +5,7 @@ Run (the validation/test comparison in the README, "What a larger budget does"):
       --split validation
 Prints the report the main job prints for its test split and writes the full summary to --out
 (default <model-dir>/evaluation_<split>.json). The data settings (dataset, builder config,
-buckets, exit policies) come from --config and --set; the model from the checkpoint.
+buckets, exit policies) come from --config and its --config.x=y overrides; the model from the checkpoint.
 Multi-host: pass --coordinator-address/--num-processes/--process-id (or the JAX_* variables);
 every host evaluates its shard and process 0 writes the summary of the whole split.
 """
@@ -28,15 +28,15 @@ def main_cli(argv=None):
                       help="a model directory: a training stage's work directory (checkpoints/), a saved "
            "model, or a main-job work directory; a stored post-calibration is applied")
   parser.add_argument("--split", required=True, help="e.g. train, validation, test")
-  parser.add_argument("--config", default="demo", help="experiment whose data settings to use")
+  parser.add_argument("--config", default="demo",
+                      help="the experiment whose data settings to use: " + configs.CONFIG_HELP)
   parser.add_argument("--max-batches", type=int, default=None,
                       help="evaluate at most this many batches (default: the whole split)")
-  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
   parser.add_argument("--out", help="summary JSON (default <model-dir>/evaluation_<split>.json)")
   parser.add_argument("--coordinator-address")
   parser.add_argument("--num-processes", type=int)
   parser.add_argument("--process-id", type=int)
-  args = parser.parse_args(argv)
+  args, experiment = configs.parse_command_line(parser, argv)
   distributed.initialize_from_flags_or_environment(
       args.coordinator_address, args.num_processes, args.process_id)
   try:
@@ -45,7 +45,6 @@ def main_cli(argv=None):
     parser.error(f"--model-dir {error}")
   if args.max_batches is not None and args.max_batches < 1:
     parser.error(f"--max-batches must be >= 1, got {args.max_batches}")
-  experiment = configs.override(configs.get(args.config), args.set)
   main.build_data(experiment.data)
   summary = main.run_evaluation(experiment, args.model_dir, args.split, args.max_batches)
   out = args.out or os.path.join(args.model_dir, f"evaluation_{args.split}.json")

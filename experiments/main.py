@@ -2,7 +2,7 @@
 
 Run:
   python -m experiments.main                              # = --config demo --workdir runs/demo
-  python -m experiments.main --config S --workdir runs/S --set train.batch_size_per_device=2
+  python -m experiments.main --config S --workdir runs/S --config.train.batch_size_per_device=2
 Every stage resumes: a finished stage is skipped, an interrupted one continues from its last
 checkpoint. Outputs in the work directory:
   train/, finetune/      checkpoints, TensorBoard events, train_history.json
@@ -266,18 +266,15 @@ def run(experiment: configs.ExperimentConfig, workdir: str) -> dict:
 
 def main(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--config", default="demo", help="demo, tiny, S, M or <base>/<ablation>")
+  parser.add_argument("--config", default="demo", help=configs.CONFIG_HELP)
   parser.add_argument("--workdir", default=os.path.join("runs", "demo"))
-  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                      help="override a config field, e.g. train.steps=100 (repeatable)")
   parser.add_argument("--coordinator-address")
   parser.add_argument("--num-processes", type=int)
   parser.add_argument("--process-id", type=int)
-  args = parser.parse_args(argv)
+  args, experiment = configs.parse_command_line(parser, argv)
   logging.basicConfig(level=logging.WARNING)
   distributed.initialize_from_flags_or_environment(
       args.coordinator_address, args.num_processes, args.process_id)
-  experiment = configs.override(configs.get(args.config), args.set)
   run(experiment, args.workdir)
 
 

@@ -84,13 +84,14 @@ def main_cli(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model-dir", required=True,
                       help="a saved model, a training work directory or a main-job work directory")
-  parser.add_argument("--config", default="demo", help="the experiment whose data settings to use")
+  parser.add_argument("--config", default="demo",
+                      help="the experiment whose data settings to use: " + configs.CONFIG_HELP)
   parser.add_argument("--split", default="test")
   parser.add_argument("--json", action="store_true")
-  args = parser.parse_args(argv)
+  args, experiment = configs.parse_command_line(parser, argv)
   loaded = model_dir.load(args.model_dir)
   result = {"model": args.model_dir,
-            **breakdown(loaded.model, loaded.params, configs.get(args.config).data, args.split)}
+            **breakdown(loaded.model, loaded.params, experiment.data, args.split)}
   if args.json:
     print(json.dumps(result))
     return result

@@ -1,17 +1,18 @@
 """Sweeps: a grid of experiments, one work directory per run, each run a submitit job.
 
 Run:
-  python -m experiments.sweep --base tiny --ablations base,loss_gaussian --grid train.seed=0,1 \
-      --root runs/sweep [--set FIELD=VALUE ...] [--dry-run] [--force-replan] [--max-running 1]
-  python -m experiments.sweep --base S --ablations exits_4,exits_6,exits_12 --root runs/exits \
+  python -m experiments.sweep --config tiny --ablations base,loss_gaussian --grid train.seed=0,1 \
+      --root runs/sweep [--config.FIELD=VALUE ...] [--dry-run] [--force-replan] [--max-running 1]
+  python -m experiments.sweep --config tiny --sweep loss --root runs/sweep   # the same, declared
+  python -m experiments.sweep --config S --sweep exits --root runs/exits \
       --executor slurm --nodes 2 --gpus-per-node 8 --partition gpu --time-min 1440 --no-wait
-  python -m experiments.sweep --base S --ablations exits_4,exits_6,exits_12 --root runs/exits \
+  python -m experiments.sweep --config S --sweep exits --root runs/exits \
       --print-commands --tpu my-pod --zone us-central2-b --repo '~/press_jax'
 Expected (first command): four runs, tiny__train.seed=0, tiny__train.seed=1,
 tiny__loss_gaussian__train.seed=0, tiny__loss_gaussian__train.seed=1, each submitted to
 submitit's local executor (one at a time: --max-running 1 is the local default), whose job runs
 experiments.main's stages for `--config tiny/loss_gaussian --workdir
-runs/sweep/tiny__loss_gaussian__train.seed=0 --set train.seed=0` in a fresh process (its output
+runs/sweep/tiny__loss_gaussian__train.seed=0 --config.train.seed=0` in a fresh process (its output
 in <run>/submitit/<job id>_0_log.out and .err, echoed here), a few minutes each on 2 CPU cores;
 then a table of run, status, last-exit SI-SNRi (dB) and GMAC/s per exit, also written to
 runs/sweep/sweep_results.json.
@@ -38,10 +39,13 @@ failed), 2 for a bad or changed plan (or another sweep command driving the same 
 none failed but some are still running (--no-wait), 130 on Ctrl-C (local jobs are cancelled,
 SLURM jobs left running).
 
-Grid values are split on commas outside brackets and quotes, and parsed like --set values (JSON,
-bare words are strings): --grid 'policy.target_dbs=[0,10],[0,20]' gives two runs. The ablation
-name 'base' stands for the base config itself. --set assignments apply in order before the grid
-(set train.optimizer.warmup_steps and total_steps before lowering train.steps).
+--config is a name (experiments/configs/<name>.py) or a config file; `--sweep NAME` takes the
+ablations and grid that the file's get_sweep(NAME) declares (sweeps as data beside the config,
+as big_vision's get_hyper). Grid values are split on commas outside brackets and quotes, and
+parsed like --config.x=y values (by the field's type; Python literals for tuples and dicts):
+--grid 'policy.target_dbs=(0,10),(0,20)' gives two runs. The ablation name 'base' stands for the
+base config itself. --config.x=y overrides apply in order before the grid, and each run's
+config is validated once, after all of them.
 """
 
 from __future__ import annotations
@@ -96,16 +100,16 @@ class SweepBusyError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class RunSpec:
-  """One run of a sweep: a named config plus --set overrides."""
+  """One run of a sweep: a config (file or name) plus `--config.field.path=value` overrides."""
 
   name: str
-  config: str  # A name for experiments.configs.get, e.g. 'tiny/exits_4'.
-  overrides: tuple[str, ...] = ()  # 'field.path=value', the sweep's --set first, then the grid.
+  config: str  # A config name or file for experiments.configs, e.g. 'tiny/exits_4'.
+  overrides: tuple[str, ...] = ()  # 'field.path=value': the sweep's --config.x=y, then the grid.
 
   def experiment(self) -> configs.ExperimentConfig:
     """The resolved config; its model and loss are built too, so a bad run fails here."""
     try:
-      experiment = configs.override(configs.get(self.config), list(self.overrides))
+      experiment = configs.resolve(self.config, list(self.overrides))
       experiment.train.model_config()
       experiment.train.loss_config()
     except (ValueError, TypeError) as error:
@@ -115,9 +119,7 @@ class RunSpec:
   def command(self, workdir: str, python: str = sys.executable) -> list[str]:
     """The experiments.main command line of this run (what its job runs, as a command)."""
     command = [python, "-m", "experiments.main", "--config", self.config, "--workdir", workdir]
-    for assignment in self.overrides:
-      command += ["--set", assignment]
-    return command
+    return command + [f"--config.{assignment}" for assignment in self.overrides]
 
 
 # --- the grid ---------------------------------------------------------------------------------
@@ -179,8 +181,10 @@ def run_name(base: str, ablation: str | None, assignments: Sequence[str]) -> str
 def expand(base: str, ablations: Sequence[str] = (), grid: Sequence[str] = (),
            sets: Sequence[str] = ()) -> list[RunSpec]:
   """Every (ablation, grid point) combination as a RunSpec, ablations outermost, in order."""
-  if "/" in base:
-    raise ValueError(f"--base {base!r}: give the ablation with --ablations, not in the base")
+  is_file = base.endswith(".py") or ":" in base
+  if ":" in base or (not is_file and "/" in base):
+    raise ValueError(f"--config {base!r}: give the ablation with --ablations, not in the config")
+  label = os.path.splitext(os.path.basename(base))[0] if is_file else base
   ablation_list = [None if a == BASE_ABLATION else a for a in ablations] or [None]
   if len(set(ablation_list)) != len(ablation_list):
     raise ValueError(f"--ablations: repeated ablation in {list(ablations)}")
@@ -193,14 +197,30 @@ def expand(base: str, ablations: Sequence[str] = (), grid: Sequence[str] = (),
     for point in itertools.product(*[values for _, values in axes]):
       assignments = [f"{field}={value}" for field, value in zip(fields, point)]
       specs.append(RunSpec(
-          name=run_name(base, ablation, assignments),
-          config=f"{base}/{ablation}" if ablation else base,
+          name=run_name(label, ablation, assignments),
+          config=(f"{base}{':' if is_file else '/'}{ablation}" if ablation else base),
           overrides=tuple(sets) + tuple(assignments)))
   names = [spec.name for spec in specs]
   if len(set(names)) != len(names):  # Values differing only in unsafe characters.
     specs = [dataclasses.replace(spec, name=spec.name + "-" + _short_hash(
         spec.config + "|" + "|".join(spec.overrides))) for spec in specs]
   return specs
+
+
+def declared_sweep(base: str, name: str) -> dict[str, Any]:
+  """The sweep `name` declared by the config file of `base` (its get_sweep)."""
+  module = configs.load_module(base)
+  if not hasattr(module, "get_sweep"):
+    raise ValueError(f"--sweep {name}: config {base!r} declares no sweeps (no get_sweep)")
+  try:
+    declared = module.get_sweep(name)
+  except KeyError:
+    raise ValueError(f"--sweep {name}: config {base!r} declares no sweep {name!r} (see its "
+                     "get_sweep docstring)") from None
+  unknown = set(declared) - {"ablations", "grid"}
+  if unknown:
+    raise ValueError(f"--sweep {name}: unknown keys {sorted(unknown)} (expected ablations, grid)")
+  return declared
 
 
 # --- the plan and its state -------------------------------------------------------------------
@@ -383,7 +403,7 @@ class RunJob(submitit.helpers.Checkpointable):
     print(f"[sweep job] {workdir}: process {jax.process_index()} of {jax.process_count()}"
           f"{' (jax.distributed)' if joined else ''}, {jax.local_device_count()} local of "
           f"{jax.device_count()} devices", flush=True)
-    experiment = configs.override(configs.get(config), list(overrides))
+    experiment = configs.resolve(config, list(overrides))
     main_lib.run(experiment, workdir)
     return {"process_index": jax.process_index(), "process_count": jax.process_count(),
             "results": os.path.join(workdir, RUN_RESULTS)}
@@ -882,13 +902,15 @@ def main(argv=None) -> int:
   parser = argparse.ArgumentParser(
       description=__doc__.splitlines()[0],
       epilog="ablations: " + ", ".join([BASE_ABLATION] + sorted(configs.ABLATIONS)))
-  parser.add_argument("--base", required=True, help=f"one of {sorted(configs.BASES)}")
+  parser.add_argument("--config", required=True,
+                      help=f"the base config: a name ({', '.join(configs.BASES)}) or a config "
+                      "file; --config.FIELD.PATH=VALUE overrides it for every run (repeatable)")
+  parser.add_argument("--sweep", help="a sweep declared by the config file's get_sweep(NAME): "
+                      "its ablations and grid, before --ablations and --grid")
   parser.add_argument("--ablations", default="",
                       help="comma-separated ablation names ('base' = none); default: the base")
   parser.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2,...",
                       help="a grid axis (repeatable; the runs are the product of the axes)")
-  parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
-                      help="an override for every run (repeatable)")
   parser.add_argument("--root", default=os.path.join("runs", "sweep"))
   parser.add_argument("--dry-run", action="store_true", help="print the plan; submit nothing")
   parser.add_argument("--force-replan", action="store_true",
@@ -926,10 +948,20 @@ def main(argv=None) -> int:
   tpu.add_argument("--tpu", help="the TPU VM's name (default: $TPU_NAME in the command)")
   tpu.add_argument("--zone", help="its zone (default: $ZONE in the command)")
   tpu.add_argument("--repo", help=f"this repository on the TPU workers (default {_REPO_ROOT})")
-  args = parser.parse_args(argv)
+  config_args, rest = configs.split_config_args(sys.argv[1:] if argv is None else argv)
   try:
-    specs = expand(args.base, [a.strip() for a in args.ablations.split(",") if a.strip()],
-                   args.grid, args.set)
+    base, sets = configs.config_args_to_spec(config_args, None)
+  except ValueError as error:
+    parser.error(str(error))
+  args = parser.parse_args(rest + (["--config", base] if base else []))
+  try:
+    ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
+    grid = list(args.grid)
+    if args.sweep:
+      declared = declared_sweep(base, args.sweep)
+      ablations = list(declared.get("ablations", ())) + ablations
+      grid = list(declared.get("grid", ())) + grid
+    specs = expand(base, ablations, grid, sets)
     if args.print_commands:
       print_commands(args.root, specs, args.tpu, args.zone, args.repo, args.force_replan)
       return 0

@@ -249,6 +249,9 @@ def preset(name: str, **overrides: Any) -> PressConfig:
     raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)} "
                      f"(aliases: {sorted(PRESET_ALIASES)})")
   config = PRESETS[key]
+  unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(PressConfig)})
+  if unknown:
+    raise ValueError(f"PressConfig has no field {unknown[0]!r} (overrides of preset {name!r})")
   sample_rate = overrides.pop("sample_rate", None)
   if sample_rate is not None and sample_rate != config.sample_rate:
     config = config.with_sample_rate(sample_rate)

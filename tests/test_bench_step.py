@@ -12,8 +12,8 @@ from experiments import bench_step
 
 
 def test_step_json_on_a_reduced_tiny_config(capsys):
-  assert bench_step.main(["--config", "tiny", "--set", "data.crop_seconds=0.25",
-                          "--set", "train.batch_size_per_device=1", "--json",
+  assert bench_step.main(["--config", "tiny", "--config.data.crop_seconds=0.25",
+                          "--config.train.batch_size_per_device=1", "--json",
                           "--repeats", "1"]) == 0
   lines = capsys.readouterr().out.strip().splitlines()
   assert len(lines) == 1, lines

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 import pytest
 
-from experiments.configs import DEMO_MODEL
+from experiments.configs.demo import DEMO_MODEL
 from press_jax.cli import export as cli
 from press_jax.export import directory as export_dir
 from press_jax.export import onnx_graphs

@@ -75,9 +75,9 @@ def test_main_job_reduced(tmp_path, capsys):
   # experiments.evaluate scores the same work directory on any split.
   from experiments import evaluate
 
-  data_sets = ["--set", "data.builder_config=clean_8k_n6-2-3", "--set",
-               f"data.data_dir={tmp_path / 'data'}", "--set", "data.eval_batch_size_per_device=1",
-               "--set", "with_sdr=false"]
+  data_sets = ["--config.data.builder_config=clean_8k_n6-2-3",
+               f"--config.data.data_dir={tmp_path / 'data'}",
+               "--config.data.eval_batch_size_per_device=1", "--config.with_sdr=False"]
   model_dir = os.path.join(workdir, "finetune")
   on_test = evaluate.main_cli(["--config", "tiny", "--model-dir", model_dir, "--split", "test"]
                               + data_sets)
@@ -100,7 +100,7 @@ def test_main_job_reduced(tmp_path, capsys):
   # and draws Fig. 5; the loader then finds the calibration.
   from experiments import calibrate
 
-  table = calibrate.main_cli(["--config", "tiny", "--model-dir", workdir] + data_sets[:-2])
+  table = calibrate.main_cli(["--config", "tiny", "--model-dir", workdir] + data_sets[:-1])
   assert list(dict.fromkeys(row["model"] for row in table["rows"])) == [
       "before fine-tuning", "final model", "final + post-calibration"]
   assert all(0.0 <= row["pit_ks"] <= 1.0 for row in table["rows"])

@@ -87,7 +87,7 @@ def test_expand_product_and_names():
       "gaussian", 5, 0.5)
   assert first.command("/w")[1:] == [
       "-m", "experiments.main", "--config", "tiny/loss_gaussian", "--workdir", "/w",
-      "--set", "train.log_every=5", "--set", "train.seed=0", "--set", "data.crop_seconds=0.5"]
+      "--config.train.log_every=5", "--config.train.seed=0", "--config.data.crop_seconds=0.5"]
 
 
 def test_expand_base_and_defaults():
@@ -182,7 +182,7 @@ def test_running_jobs_are_polled_not_resubmitted(tmp_path, monkeypatch, capsys):
   root = str(tmp_path)
   held = "tiny__train.seed=1"
   monkeypatch.setattr(sweep, "default_job", lambda: sweep_jobs.FakeJob(hold=[held]))
-  argv = ["--base", "tiny", "--grid", "train.seed=0,1", "--root", root, "--poll-s", "0.1",
+  argv = ["--config", "tiny", "--grid", "train.seed=0,1", "--root", root, "--poll-s", "0.1",
           "--max-running", "0", "--quiet"]
   assert sweep.main(argv + ["--no-wait"]) == 3  # Submitted, not finished.
   first = statuses(root)
@@ -368,22 +368,22 @@ def test_summary_table(tmp_path):
 
 def test_cli_dry_run_writes_nothing(tmp_path, capsys):
   root = str(tmp_path / "sweep")
-  code = sweep.main(["--base", "tiny", "--ablations", "base,loss_gaussian", "--grid",
+  code = sweep.main(["--config", "tiny", "--ablations", "base,loss_gaussian", "--grid",
                      "train.seed=0,1", "--root", root, "--dry-run"])
   assert code == 0 and not os.path.exists(root)
   output = capsys.readouterr().out
   assert "4 runs" in output and "tiny__loss_gaussian__train.seed=1: submit" in output
   assert "--config tiny/loss_gaussian" in output
-  assert sweep.main(["--base", "tiny", "--grid", "train.nope=1", "--root", root]) == 2
+  assert sweep.main(["--config", "tiny", "--grid", "train.nope=1", "--root", root]) == 2
   assert "TrainConfig has no field 'nope'" in capsys.readouterr().err
-  assert sweep.main(["--base", "tiny", "--root", root, "--nodes", "2"]) == 2
+  assert sweep.main(["--config", "tiny", "--root", root, "--nodes", "2"]) == 2
   assert "--nodes: SLURM options; add --executor slurm" in capsys.readouterr().err
 
 
 def test_print_commands(tmp_path, capsys):
   root = str(tmp_path / "sweep")
-  code = sweep.main(["--base", "tiny", "--grid", "policy.target_dbs=[0,10],[0,20]", "--set",
-                     "train.seed=3", "--root", root, "--print-commands", "--tpu", "pod-1",
+  code = sweep.main(["--config", "tiny", "--grid", "policy.target_dbs=(0,10),(0,20)",
+                     "--config.train.seed=3", "--root", root, "--print-commands", "--tpu", "pod-1",
                      "--zone", "us-central2-b", "--repo", "/home/me/press_jax"])
   assert code == 0 and not os.path.exists(root)
   lines = capsys.readouterr().out.splitlines()
@@ -398,8 +398,8 @@ def test_print_commands(tmp_path, capsys):
   assert words[:3] == ["cd", "/home/me/press_jax", "&&"]
   assert words[3:] == ["PRESS_AUTO_DISTRIBUTED=1", "python", "-m", "experiments.main",
                        "--config", "tiny", "--workdir",
-                       os.path.join(root, "tiny__policy.target_dbs=0,10"), "--set",
-                       "train.seed=3", "--set", "policy.target_dbs=[0,10]"]
+                       os.path.join(root, "tiny__policy.target_dbs=0,10"),
+                       "--config.train.seed=3", "--config.policy.target_dbs=(0,10)"]
 
 
 # --- executor options -------------------------------------------------------------------------
@@ -471,7 +471,7 @@ def fake_slurm(tmp_path, monkeypatch):
 
 def test_slurm_submission_poll_and_resubmission(tmp_path, fake_slurm, capsys, monkeypatch):
   root = str(tmp_path / "sweep")
-  argv = ["--base", "tiny", "--grid", "train.seed=0,1", "--root", root, "--executor", "slurm",
+  argv = ["--config", "tiny", "--grid", "train.seed=0,1", "--root", root, "--executor", "slurm",
           "--nodes", "2", "--gpus-per-node", "4", "--partition", "gpu", "--time-min", "120",
           "--slurm-extra", "account=proj", "--slurm-extra", "exclusive",
           "--slurm-setup", "source /opt/press/.venv/bin/activate", "--no-wait"]
@@ -531,7 +531,7 @@ def reduced_sets(data_dir, steps=4):
           f"train.optimizer.total_steps={steps}", "data.builder_config=clean_8k_n6-2-3",
           f"data.data_dir={data_dir}", "data.eval_batch_size_per_device=1",
           "data.crop_seconds=0.5", "finetune.min_steps=1", "finetune.steps_fraction=0.0",
-          "with_sdr=false"]
+          "with_sdr=False"]
 
 
 @pytest.fixture
@@ -545,9 +545,9 @@ def shared_compilation_cache(monkeypatch):
 def test_real_run_killed_then_resumed(tmp_path, shared_compilation_cache, capsys):
   root = str(tmp_path / "sweep")
   workdir = os.path.join(root, "tiny")
-  argv = ["--base", "tiny", "--root", root, "--poll-s", "0.5", "--quiet"]
+  argv = ["--config", "tiny", "--root", root, "--poll-s", "0.5", "--quiet"]
   for assignment in reduced_sets(tmp_path / "data"):
-    argv += ["--set", assignment]
+    argv.append(f"--config.{assignment}")
   assert sweep.main(argv + ["--no-wait"]) == 3
   first = statuses(root)["tiny"]["job"]
   # Once training has checkpointed step 2, kill the job's process (the controller's child).
@@ -586,7 +586,7 @@ def test_real_run_killed_then_resumed(tmp_path, shared_compilation_cache, capsys
   # Again: everything done, nothing submitted; a changed plan is refused.
   assert sweep.main(argv) == 0
   assert statuses(root)["tiny"] == entry
-  assert sweep.main(argv + ["--set", "train.seed=1"]) == 2
+  assert sweep.main(argv + ["--config.train.seed=1"]) == 2
   assert "train.seed: 0 -> 1" in capsys.readouterr().err
 
 
@@ -594,10 +594,10 @@ def test_real_run_killed_then_resumed(tmp_path, shared_compilation_cache, capsys
 def test_readme_sweep_reduced(tmp_path, shared_compilation_cache, capsys):
   """The README's sweep (tiny x {base, loss_gaussian} x seeds 0, 1), each run a few steps."""
   root = str(tmp_path / "sweep")
-  argv = ["--base", "tiny", "--ablations", "base,loss_gaussian", "--grid", "train.seed=0,1",
+  argv = ["--config", "tiny", "--ablations", "base,loss_gaussian", "--grid", "train.seed=0,1",
           "--root", root, "--poll-s", "0.5"]
   for assignment in reduced_sets(tmp_path / "data"):
-    argv += ["--set", assignment]
+    argv.append(f"--config.{assignment}")
   assert sweep.main(argv) == 0
   output = capsys.readouterr().out
   assert "[train] tiny for 4 steps" in output  # The jobs' output, echoed.
@@ -614,7 +614,7 @@ def test_readme_sweep_reduced(tmp_path, shared_compilation_cache, capsys):
 def test_failed_submission_is_reported(tmp_path, fake_slurm, capsys):
   (fake_slurm / "sbatch_fails").write_text("")
   root = str(tmp_path / "sweep")
-  assert sweep.main(["--base", "tiny", "--root", root, "--executor", "slurm", "--no-wait"]) == 1
+  assert sweep.main(["--config", "tiny", "--root", root, "--executor", "slurm", "--no-wait"]) == 1
   assert "invalid partition" in capsys.readouterr().err
   entry = statuses(root)["tiny"]
   assert entry["status"] == "pending" and entry["job"] is None  # Submitted next time.

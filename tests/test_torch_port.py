@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import torch
 
-from experiments.configs import DEMO_MODEL
+from experiments.configs.demo import DEMO_MODEL
 from press_jax import likelihoods
 from press_jax import torch_port
 from press_jax.cli import export as cli
