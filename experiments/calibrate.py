@@ -48,6 +48,48 @@ def format_table(rows) -> str:
   return "\n".join(lines)
 
 
+def calibration_study(experiment, directory: str, splits, max_batches=None, *,
+                      shared: bool = False, store: bool = True) -> dict:
+  """Fig. 5's models on `splits`: before fine-tuning (<directory>/train, when there), the final
+  model, and the final model with a post-calibration fitted on the validation split.
+
+  `directory`: a main-job work directory, a saved model or a training work directory. With
+  `store`, the fitted factors are written beside the parameters (where model_dir.load finds
+  them); without, they are only reported. Returns {'post_calibration', 'path' (None unless
+  stored), 'rows'}: one row per model, split and exit (PIT KS, CRPS, SI-SNRi, PIT histogram).
+  """
+  loaded = model_dir.load(directory)
+  data = experiment.data
+  # Fit on validation with the stored calibration removed (the fit starts from the raw model).
+  raw = model_dir.LoadedModel(model=loaded.model, params=loaded.params, calibration=None,
+                              directory=loaded.directory, kind=loaded.kind)
+  rows = []
+  before_finetuning = os.path.join(directory, "train")
+  models = [("final model", raw, None)]
+  if os.path.abspath(loaded.directory) != os.path.abspath(before_finetuning) and os.path.isdir(
+      before_finetuning):
+    try:
+      models.insert(0, ("before fine-tuning", model_dir.load(before_finetuning), None))
+    except model_dir.ModelDirError:
+      pass
+  _, validation = evaluate_split(experiment, raw, data.validation_split, max_batches)
+  statistics = validation.block_statistics()
+  fitted = calibration.fit_post_calibration(
+      statistics["error_energy"], statistics["count"], statistics["log_var"],
+      statistics["log_alpha"], per_exit=not shared)
+  path = None
+  if store:
+    path = os.path.join(loaded.directory, model_dir.POST_CALIBRATION_FILE)
+    if jax.process_index() == 0:  # Every host fits the same factors (gathered blocks).
+      calibration.save_post_calibration(path, fitted)
+  models.append(("final + post-calibration", raw, fitted))
+  for name, model, factors in models:
+    for split in splits:
+      per_exit, _ = evaluate_split(experiment, model, split, max_batches, factors)
+      rows += [{"model": name, "split": split, **entry} for entry in per_exit]
+  return {"post_calibration": fitted.to_dict(), "path": path, "rows": rows}
+
+
 def main_cli(argv=None):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model-dir", required=True,
@@ -66,34 +108,11 @@ def main_cli(argv=None):
     parser.error(f"--model-dir {error}")
   main.build_data(experiment.data)
   data = experiment.data
-
-  # Fit on validation with the stored calibration removed (the fit starts from the raw model).
-  raw = model_dir.LoadedModel(model=loaded.model, params=loaded.params, calibration=None,
-                              directory=loaded.directory, kind=loaded.kind)
-  rows = []
-  before_finetuning = os.path.join(args.model_dir, "train")
-  models = [("final model", raw, None)]
-  if os.path.abspath(loaded.directory) != os.path.abspath(before_finetuning) and os.path.isdir(
-      before_finetuning):
-    try:
-      models.insert(0, ("before fine-tuning", model_dir.load(before_finetuning), None))
-    except model_dir.ModelDirError:
-      pass
-  _, validation = evaluate_split(experiment, raw, data.validation_split, args.max_batches)
-  statistics = validation.block_statistics()
-  fitted = calibration.fit_post_calibration(
-      statistics["error_energy"], statistics["count"], statistics["log_var"],
-      statistics["log_alpha"], per_exit=not args.shared)
-  path = os.path.join(loaded.directory, model_dir.POST_CALIBRATION_FILE)
-  lead_host = jax.process_index() == 0  # Every host fits the same factors (gathered blocks).
-  if lead_host:
-    calibration.save_post_calibration(path, fitted)
-  models.append(("final + post-calibration", raw, fitted))
-  for name, model, factors in models:
-    for split in (data.validation_split, data.test_split):
-      per_exit, _ = evaluate_split(experiment, model, split, args.max_batches, factors)
-      rows += [{"model": name, "split": split, **entry} for entry in per_exit]
-  table = {"post_calibration": fitted.to_dict(), "path": path, "rows": rows}
+  table = calibration_study(experiment, args.model_dir,
+                            (data.validation_split, data.test_split), args.max_batches,
+                            shared=args.shared)
+  rows, fitted, path = table["rows"], table["post_calibration"], table["path"]
+  lead_host = jax.process_index() == 0
   out = os.path.join(args.model_dir if os.path.isdir(args.model_dir) else loaded.directory,
                      "calibration.json")
   if not lead_host:
@@ -106,8 +125,8 @@ def main_cli(argv=None):
       figure_dir, f"calibration_stages_{split}.png")) for split in (data.validation_split,
                                                                     data.test_split)]
   print(format_table(rows))
-  print(f"\npost-calibration: {path}\n  log alpha scale {np.round(fitted.to_dict()['log_alpha_scale'], 3).tolist()}"
-        f"\n  log beta scale  {np.round(fitted.to_dict()['log_beta_scale'], 3).tolist()}"
+  print(f"\npost-calibration: {path}\n  log alpha scale {np.round(fitted['log_alpha_scale'], 3).tolist()}"
+        f"\n  log beta scale  {np.round(fitted['log_beta_scale'], 3).tolist()}"
         f"\ntable: {out}\nfigures: {', '.join(figures)}", flush=True)
   return table
 

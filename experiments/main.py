@@ -245,9 +245,21 @@ def run(experiment: configs.ExperimentConfig, workdir: str) -> dict:
   summary["training"] = {"steps": trained_steps, "planned_steps": experiment.train.steps,
                          "time_limit_s": experiment.train.time_limit_s}
   save_final_model(model_dir, os.path.join(workdir, "model"))
+  stages = None
+  if experiment.calibration_figure:  # Collective (every process evaluates), like the above.
+    from experiments import calibrate  # pylint: disable=import-outside-toplevel (imports main)
+
+    stages = calibrate.calibration_study(
+        experiment, workdir, (experiment.data.test_split,), experiment.max_test_batches,
+        store=False)
+    summary["calibration_stages"] = stages
   if jax.process_index() == 0:
     results_path = write_results(workdir, summary)
     plot_paths = plots.plot_run(workdir, summary)
+    if stages is not None:
+      plot_paths.append(plots.calibration_stages(
+          stages["rows"], experiment.data.test_split, os.path.join(
+              workdir, plots.PLOT_DIR, f"calibration_stages_{experiment.data.test_split}.png")))
     plot_paths.append(os.path.join(workdir, plots.PLOT_DIR, "exit_map.png"))
     plots.exit_map_of_mixture(os.path.join(workdir, "model"),
                               first_mixture(experiment.data, experiment.data.test_split),

@@ -34,7 +34,7 @@ def check_outputs(workdir, summary, test_utterances):
   assert summary["utterances"] == test_utterances
   assert all(0.0 <= e["silent_stream_fraction"] <= 1.0 for e in summary["per_exit"])
   for name in ("evaluation.json", "plots/learning_curve.png", "plots/quality_vs_compute.png",
-               "plots/calibration.png", "plots/exit_map.png",
+               "plots/calibration.png", "plots/exit_map.png", "plots/calibration_stages_test.png",
                "train/train_history.json", "finetune/train_history.json",
                "model/config.json", "model/params.msgpack"):
     assert os.path.isfile(os.path.join(workdir, name)), name
@@ -43,7 +43,18 @@ def check_outputs(workdir, summary, test_utterances):
   with open(os.path.join(workdir, "evaluation.json")) as handle:
     written = json.load(handle)
   assert list(written) == ["utterances", "per_exit", "dynamic", "policies", "post_calibration",
-                           "seconds", "model_dir", "split", "training"]
+                           "seconds", "model_dir", "split", "training", "calibration_stages"]
+  # Fig. 5 on test: the three stages, the post-calibration reported but not stored.
+  stages = written["calibration_stages"]
+  assert stages["path"] is None and not os.path.exists(
+      os.path.join(workdir, "model", "post_calibration.json"))
+  assert list(dict.fromkeys(row["model"] for row in stages["rows"])) == [
+      "before fine-tuning", "final model", "final + post-calibration"]
+  assert {row["split"] for row in stages["rows"]} == {"test"}
+  final = [row for row in stages["rows"] if row["model"] == "final model"]
+  # The same model and split as the main evaluation: the same PIT distance per exit.
+  assert [row["pit_ks"] for row in final] == pytest.approx(
+      [e["calibration"]["pit_ks"] for e in written["per_exit"]], abs=1e-4)
   for entry in written["per_exit"]:
     assert list(entry) == ["exit", "si_snr_db", "si_snri_db", "gmac_per_s",
                            "silent_stream_fraction", "calibration", "params"]

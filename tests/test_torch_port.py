@@ -152,6 +152,25 @@ def test_forward_matches_jax(exported, name):
     assert relative_difference(getattr(got, field), getattr(reference, field))[0] <= PARITY
 
 
+@pytest.mark.parametrize("name", ["demo", "variant"])
+def test_max_exit_computes_the_first_exits_only(exported, name):
+  """forward(max_exit=k) equals the first k exits of JAX's full pass (cumulative exits too)."""
+  model, params, directory = exported(name)
+  ported = torch_port.load(directory)
+  mixture, mask = inputs(LENGTHS[name][0])
+  reference = jax.jit(model.apply)({"params": params}, mixture, mask)
+  for max_exit in range(1, model.config.exits + 1):
+    with torch.no_grad():
+      got = ported(torch.from_numpy(mixture), torch.from_numpy(mask), max_exit=max_exit)
+    for field in ("mean", "log_var", "log_alpha"):
+      assert getattr(got, field).shape[0] == max_exit
+      relative, _ = relative_difference(getattr(got, field),
+                                        np.asarray(getattr(reference, field))[:max_exit])
+      assert relative <= PARITY, (name, max_exit, field, relative)
+  with pytest.raises(ValueError, match=rf"max_exit must be in 1\.\.{model.config.exits}"):
+    ported(torch.from_numpy(mixture), max_exit=model.config.exits + 1)
+
+
 def test_parameter_names_are_the_exports_for_preset_m():
   """The port's named_parameters are exactly the export's flat names and shapes (`load` checks
   this for the other configurations; M's outputs are not compared here: a ~1 min run)."""

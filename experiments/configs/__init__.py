@@ -73,6 +73,9 @@ class ExperimentConfig:
   policy: PolicySettings = PolicySettings()
   with_sdr: bool = True
   max_test_batches: int | None = None  # None: the whole test split.
+  # The paper's Fig. 5 on the test split (PIT histograms before / after fine-tuning and with a
+  # post-calibration fitted on validation, not stored): experiments.calibrate.calibration_study.
+  calibration_figure: bool = True
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)

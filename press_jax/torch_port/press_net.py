@@ -292,10 +292,18 @@ class PressNet(nn.Module):
         module.recurrence = recurrence
     return self
 
-  def forward(self, mixture: torch.Tensor, mask: torch.Tensor | None = None) -> ExitOutputs:
+  def forward(self, mixture: torch.Tensor, mask: torch.Tensor | None = None,
+              max_exit: int | None = None) -> ExitOutputs:
     """mixture, mask: (batch, samples) -> ExitOutputs (mean (exits, batch, speakers, samples),
-    log_var and log_alpha (exits, batch, speakers, blocks))."""
+    log_var and log_alpha (exits, batch, speakers, blocks)).
+
+    `max_exit`: compute the exits 1..max_exit only (the later stages are not run); the exit
+    axis then has max_exit entries, equal to the first max_exit of a full forward pass.
+    """
     config = self.config
+    last = config.exits if max_exit is None else int(max_exit)
+    if not 1 <= last <= config.exits:
+      raise ValueError(f"max_exit must be in 1..{config.exits}, got {max_exit!r}")
     dtype = self.encoder.projection.kernel.dtype
     mixture = torch.as_tensor(mixture).to(dtype)
     if mixture.ndim != 2:
@@ -314,7 +322,7 @@ class PressNet(nn.Module):
     streams = self.speaker_split(latent)
     blocks = num_blocks(samples, config.block_length)
     exits = []
-    for exit_number in range(1, config.exits + 1):
+    for exit_number in range(1, last + 1):
       streams, outputs = getattr(self, f"exit{exit_number}")(
           streams, frame_mask, frame_block, frame_weight, basis, samples, blocks)
       exits.append(outputs)
