@@ -1,7 +1,7 @@
 """One experiment config's training step on one device: time, XLA FLOPs, and where the time goes.
 
 Run:
-  python -m experiments.bench_step                       # the demo's step (tiny, batch 4, 2 s)
+  python -m experiments.bench_step                       # the demo's step (tiny, batch 8 x 1 s)
   python -m experiments.bench_step --config tiny --config.data.crop_seconds=0.25 --json
   python -m experiments.bench_step --recurrence          # the recurrence's implementations
   python -m experiments.bench_step --recurrence --json --shape 8,4003,32
