@@ -66,6 +66,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, Sequence
 
@@ -616,16 +617,45 @@ def job_errors(record: dict[str, Any]) -> tuple[list[str], bool]:
   return errors, complete
 
 
-def cancel(record: dict[str, Any]) -> None:
-  """Stop a job: a local one's controller gets SIGINT (it stops its task); SLURM: scancel."""
+# How long a cancelled local job's controller gets to exit on SIGINT before its tasks are killed.
+CANCEL_GRACE_S = 10.0
+
+
+def _local_tasks(pid: int) -> list[int]:
+  """The child processes of a local job's controller (Linux /proc; empty elsewhere)."""
+  try:
+    with open(f"/proc/{pid}/task/{pid}/children") as handle:
+      return [int(child) for child in handle.read().split()]
+  except (FileNotFoundError, ProcessLookupError):
+    return []
+
+
+def cancel(record: dict[str, Any], grace_s: float | None = None) -> None:
+  """Stop a job. SLURM: scancel. Local: the controller (submitit.local._local) gets SIGINT and
+  interrupts its task; if it has not exited after `grace_s` (default CANCEL_GRACE_S) — a controller started with SIGINT
+  ignored never sees it: under nohup, from a background shell job, in a pytest-xdist worker — its
+  tasks get SIGKILL, and it exits once they have ended. The work lost is what a crash loses: the
+  steps since the task's last checkpoint, from which the next submission resumes."""
   job = _JOBS.get((record["log_folder"], record["job_id"]))
-  if record["executor"] == "local":
-    if job is not None:
-      job.cancel()
-    elif _local_controller_alive(record):
-      os.kill(int(record["job_id"]), signal.SIGINT)
-  else:
+  if record["executor"] != "local":
     _slurm_job(record)[0].cancel(check=False)
+    return
+  if job is not None:
+    job.cancel()
+  elif _local_controller_alive(record):
+    os.kill(int(record["job_id"]), signal.SIGINT)
+  else:
+    return
+  pause = threading.Event().wait  # Not time.sleep: this runs while a KeyboardInterrupt unwinds.
+  deadline = time.monotonic() + (CANCEL_GRACE_S if grace_s is None else grace_s)
+  while job_state(record) is None and time.monotonic() < deadline:
+    pause(0.1)
+  if job_state(record) is None:
+    for task in _local_tasks(int(record["job_id"])):
+      try:
+        os.kill(task, signal.SIGKILL)
+      except ProcessLookupError:
+        pass
 
 
 def log_tail(path: str, lines: int = 30, characters: int = 4000) -> str:
