@@ -1,14 +1,24 @@
 """Multi-host data parallelism on one machine: 2 processes x 2 CPU devices via jax.distributed.
 
-Each process runs press_jax.train.train (tests/train_worker.py, mode train) on its own half of
-every global batch (its 2 devices' rows), with gloo collectives between the processes, and
-checkpoints into the shared work directory. The two processes must stay in lock-step and agree
-with one process on 4 devices fed the same global batches.
+The processes are launched as SLURM starts them: `srun` gives every task of a job step
+SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS, SLURM_PROCID and SLURM_LOCALID, and nothing
+else is passed (tests/train_worker.py, mode train, without a 'distributed' entry), so
+press_jax.distributed calls jax.distributed.initialize() with no arguments and JAX's SLURM
+detection (jax/_src/clusters/slurm_cluster.py) takes the coordinator from the first node of
+SLURM_STEP_NODELIST on port SLURM_JOB_ID % 4096 + 61440, the process count from SLURM_NTASKS
+and the process id from SLURM_PROCID (the node list is `localhost`, the job id chosen so that
+the port is free). If that detection did not happen, each process would train alone on its 2
+devices and every check below fails. (Explicit coordinator arguments are the launch of
+tests/test_multihost_evaluation.py; both launches used to train in a test of their own.)
+
+Each process runs press_jax.train.train on its own half of every global batch (its 2 devices'
+rows), with gloo collectives between the processes, and checkpoints into the shared work
+directory. The two processes must stay in lock-step and agree with one process on 4 devices
+fed the same global batches.
 """
 
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -19,12 +29,6 @@ from tests import train_worker, worker_util
 STEPS = train_worker.STEPS
 
 
-def free_port() -> int:
-  with socket.socket() as sock:
-    sock.bind(("localhost", 0))
-    return sock.getsockname()[1]
-
-
 def params_of(tree):
   return {k: v for k, v in tree.items() if k.startswith(".params")}
 
@@ -33,7 +37,7 @@ def params_of(tree):
 def multihost(tmp_path_factory):
   directory = tmp_path_factory.mktemp("multihost")
   workdir = directory / "run"
-  address = f"localhost:{free_port()}"
+  job_id = worker_util.slurm_job_id_with_free_port()
   processes, logs = [], []
   for process_id in range(2):
     # Multi-process saves are slow: a checkpoint every 5 steps. The second run resumes the
@@ -42,13 +46,11 @@ def multihost(tmp_path_factory):
                       "config": {"checkpoint_every": 5}},
                      {"workdir": str(workdir), "config": {"checkpoint_every": 5,
                                                           "steps": STEPS + 2}}],
-            "distributed": {"coordinator_address": address, "num_processes": 2,
-                            "process_id": process_id},
             "result": str(directory / "result.json")}
     logs.append(str(directory / f"process{process_id}.log"))
     processes.append(worker_util.start_worker(
         "train", spec, str(directory / f"spec{process_id}.json"), devices=2,
-        log_path=logs[-1]))
+        log_path=logs[-1], extra_env=worker_util.slurm_environment(job_id, process_id, 2)))
   worker_util.wait_for_workers(processes, logs, timeout=400, what="multi-host workers")
   results, resumed = [], []
   for process_id in range(2):
@@ -68,7 +70,7 @@ def multihost(tmp_path_factory):
           "single": single, "single_state": single_state}
 
 
-def test_processes_joined_one_mesh(multihost):
+def test_slurm_variables_alone_join_the_processes_in_one_mesh(multihost):
   for process_id, result in enumerate(multihost["results"]):
     assert result["joined_distributed"] and result["process_index"] == process_id
     assert result["process_count"] == 2
@@ -78,6 +80,7 @@ def test_processes_joined_one_mesh(multihost):
 
 def test_processes_stay_in_lock_step(multihost):
   first, second = multihost["results"]
+  assert [r["step"] for r in first["history"]] == list(range(1, STEPS + 1))
   assert json.dumps([r["loss"] for r in first["history"]]) == json.dumps(
       [r["loss"] for r in second["history"]])
   worker_util.assert_trees_equal(multihost["states"][0], multihost["states"][1],

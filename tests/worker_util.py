@@ -19,8 +19,10 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -155,3 +157,27 @@ def assert_trees_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what:
   different = [k for k in a if not np.array_equal(a[k], b[k])]
   assert not different, (f"{what}: {len(different)} of {len(a)} leaves differ, max |diff| "
                          f"{max_abs_difference(a, b):.3g}; first: {different[:3]}")
+
+
+# --- SLURM-style launch ------------------------------------------------------------------------
+SLURM_PORT_BASE = 65535 - 2**12 + 1  # JAX: coordinator port = job id % 4096 + this.
+
+
+def slurm_job_id_with_free_port() -> int:
+  """A SLURM job id whose derived coordinator port (JAX's SLURM detection) is free here."""
+  for _ in range(100):
+    job_id = random.randrange(10**5, 10**6)
+    with socket.socket() as sock:
+      try:
+        sock.bind(("localhost", job_id % 2**12 + SLURM_PORT_BASE))
+      except OSError:
+        continue
+    return job_id
+  raise RuntimeError("no free port in JAX's SLURM port range")
+
+
+def slurm_environment(job_id: int, process_id: int, tasks: int) -> dict[str, str]:
+  """What srun sets in task `process_id` of a one-node job step (the variables JAX reads)."""
+  return {"SLURM_JOB_ID": str(job_id), "SLURM_STEP_NODELIST": "localhost",
+          "SLURM_STEP_NUM_NODES": "1", "SLURM_NTASKS": str(tasks),
+          "SLURM_PROCID": str(process_id), "SLURM_LOCALID": str(process_id)}
