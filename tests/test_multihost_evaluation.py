@@ -20,7 +20,6 @@ import numpy as np
 import pytest
 
 from tests import worker_util
-from tests.test_multihost import free_port
 
 SPLITS = (5, 3)
 GLOBAL_BATCH = 4
@@ -36,7 +35,7 @@ def spec_for(directory, name, **extra):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
   directory = tmp_path_factory.mktemp("multihost_evaluation")
-  address = f"localhost:{free_port()}"
+  address = f"localhost:{worker_util.free_port()}"
   processes, logs = [], []
   for process_id in range(2):
     spec = spec_for(directory, "multi", result=str(directory / "multi_result.json"),

@@ -159,6 +159,13 @@ def assert_trees_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray], what:
                          f"{max_abs_difference(a, b):.3g}; first: {different[:3]}")
 
 
+def free_port() -> int:
+  """A TCP port that is free on localhost right now (for an explicit coordinator address)."""
+  with socket.socket() as sock:
+    sock.bind(("localhost", 0))
+    return sock.getsockname()[1]
+
+
 # --- SLURM-style launch ------------------------------------------------------------------------
 SLURM_PORT_BASE = 65535 - 2**12 + 1  # JAX: coordinator port = job id % 4096 + this.
 
