@@ -161,8 +161,7 @@ def load_params(workdir: str, step: int | None = None):
       state=ocp.args.PyTreeRestore(restore_args=restore_args)))["state"]
   reader.close()
   params = restored["params"]
-  model = press_net.PressNet(config)
-  template = jax.eval_shape(lambda: press_net.init_params(model, jax.random.key(0)))
+  template = press_net.parameter_shapes(config)
   params = jax.tree_util.tree_unflatten(
       jax.tree_util.tree_structure(template),
       jax.tree_util.tree_leaves(params, is_leaf=lambda x: hasattr(x, "shape")))

@@ -94,10 +94,7 @@ def gmac_per_second(config: PressConfig, exit_number: int, all_heads: bool = Fal
 
 
 # --- parameters -------------------------------------------------------------------------------
-def parameter_shapes(config: PressConfig):
-  """The parameter tree's shapes, without allocating it."""
-  model = press_net.PressNet(config)
-  return jax.eval_shape(lambda: press_net.init_params(model, jax.random.key(0)))
+parameter_shapes = press_net.parameter_shapes  # The parameter tree's shapes (not allocated).
 
 
 def params_per_exit(config: PressConfig) -> list[int]:

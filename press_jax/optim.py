@@ -48,11 +48,22 @@ def decay_mask(params):
 
 
 def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
-  """clip_by_global_norm -> AdamW(schedule), wrapped in MultiSteps when accumulating."""
+  """clip_by_global_norm -> AdamW(schedule), wrapped in MultiSteps when accumulating.
+
+  The optimiser state holds Adam's moments as one flat vector each (optax.flatten), not one
+  array per parameter: checkpoints written before 2026-12-04 (per-array moments) do not restore
+  into it.
+  """
+  # optax.adamw's three stages, with clipping and Adam on one flat vector (optax.flatten): the
+  # same arithmetic per element, but a handful of large fused operations instead of a few per
+  # parameter array — for the tiny preset's 80 arrays, 90 fusions instead of 449, 1.2 s instead
+  # of 2.1-2.7 s to compile and no slower to run (2026-12-04). The masked decay and the learning
+  # rate stay per array (they fuse with the parameter update).
   optimizer = optax.chain(
-      optax.clip_by_global_norm(config.clip_norm),
-      optax.adamw(learning_rate_schedule(config), b1=config.b1, b2=config.b2,
-                  weight_decay=config.weight_decay, mask=decay_mask))
+      optax.flatten(optax.chain(optax.clip_by_global_norm(config.clip_norm),
+                                optax.scale_by_adam(b1=config.b1, b2=config.b2))),
+      optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
+      optax.scale_by_learning_rate(learning_rate_schedule(config)))
   if config.accumulation_steps > 1:
     optimizer = optax.MultiSteps(optimizer, every_k_schedule=config.accumulation_steps)
   return optimizer

@@ -209,3 +209,32 @@ def test_first_adamw_step_matches_the_formula():
     decay = 0.2 * np.asarray(params[name]) if name == "kernel" else 0.0
     np.testing.assert_allclose(np.asarray(updates[name]), -0.05 * (adam + decay), rtol=1e-5,
                                atol=1e-7, err_msg=name)
+
+
+def test_flat_optimizer_equals_optax_adamw_over_steps():
+  """make_optimizer (clip + Adam on one flat vector) against optax.adamw on the parameter tree."""
+  rng = np.random.default_rng(0)
+  params = {"block": {"kernel": jnp.asarray(rng.normal(size=(3, 4)), jnp.float32),
+                      "bias": jnp.asarray(rng.normal(size=(4,)), jnp.float32)},
+            "scale": jnp.asarray(rng.normal(size=(2,)), jnp.float32),
+            "head": {"kernel": jnp.asarray(rng.normal(size=(4, 2)), jnp.float32)}}
+  config = optim.OptimizerConfig(peak_learning_rate=0.03, warmup_steps=2, total_steps=8,
+                                 weight_decay=0.1, clip_norm=1.5)
+  reference = optax.chain(
+      optax.clip_by_global_norm(config.clip_norm),
+      optax.adamw(optim.learning_rate_schedule(config), b1=config.b1, b2=config.b2,
+                  weight_decay=config.weight_decay, mask=optim.decay_mask))
+  ours = optim.make_optimizer(config)
+  ours_params, reference_params = params, params
+  ours_state, reference_state = ours.init(params), reference.init(params)
+  for _ in range(6):
+    grads = jax.tree_util.tree_map(
+        lambda x: jnp.asarray(rng.normal(size=x.shape) * 2.0, jnp.float32), params)
+    updates, ours_state = ours.update(grads, ours_state, ours_params)
+    ours_params = optax.apply_updates(ours_params, updates)
+    updates, reference_state = reference.update(grads, reference_state, reference_params)
+    reference_params = optax.apply_updates(reference_params, updates)
+  for a, b in zip(jax.tree_util.tree_leaves(ours_params),
+                  jax.tree_util.tree_leaves(reference_params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-6, atol=1e-7)
+  assert not np.allclose(np.asarray(ours_params["scale"]), np.asarray(params["scale"]))
