@@ -27,7 +27,7 @@ def compile_seconds(config: config_lib.PressConfig, seconds_of_audio: float) -> 
   model = press_net.PressNet(config)
   samples = int(seconds_of_audio * config.sample_rate)
   loss_config = likelihoods.LossConfig(block_length=config.block_length)
-  params = jax.eval_shape(lambda: press_net.init_params(model, jax.random.key(0)))
+  params = press_net.parameter_shapes(model)
   mixture = jax.ShapeDtypeStruct((1, samples), jnp.float32)
   sources = jax.ShapeDtypeStruct((1, config.speakers, samples), jnp.float32)
 
