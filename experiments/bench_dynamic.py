@@ -12,6 +12,8 @@ target it prints the mean exit, the GMAC/s spent (context included), the measure
 second of audio, the real-time factor, the SI-SNRi (PIT, whole utterances) and
 saving_ratio = (wall saving) / (GMAC saving), both against always running the last exit. It also
 prints the quality cost of chunking: SI-SNRi at the last exit, chunked against whole-utterance.
+Timing: every policy (the reference and each target) makes one untimed pass, then three rounds
+in which each makes one timed pass in turn; the fastest of each is kept (`run_policies`).
 
 Part 2 (--speed-config): a randomly initialised preset at its last exit on --speed-seconds of
 audio: achieved GFLOP/s (2 x analytic MACs / wall time) beside a 2048^2 float32 matmul measured
@@ -72,20 +74,17 @@ def si_snri(estimate: np.ndarray, sources: np.ndarray, mixture: np.ndarray) -> f
   return float(jnp.mean(values - mixture_snr))
 
 
-def run_policy(loaded, utterances, settings: separation.SeparationSettings,
-               rounds: int = 3) -> dict:
-  """Separate every utterance once to compile, then `rounds` timed passes (the fastest kept:
-  the first pass of a process runs slower, and this machine's speed drifts); totals."""
+def separate_all(loaded, utterances, settings: separation.SeparationSettings):
+  """Separate every utterance with `settings`: ([(estimate, report)], wall seconds)."""
+  started = time.perf_counter()
+  outputs = [separation.separate(loaded.model, loaded.params, mixture, settings,
+                                 loaded.calibration) for mixture, _ in utterances]
+  return outputs, time.perf_counter() - started
+
+
+def policy_row(loaded, utterances, outputs, wall: float) -> dict:
+  """Totals of one policy's pass over the utterances, timed at `wall` seconds."""
   audio_seconds = sum(m.size for m, _ in utterances) / loaded.model.config.sample_rate
-  separation.separate(loaded.model, loaded.params, utterances[0][0], settings,
-                      loaded.calibration)  # compile this setting's window
-  walls = []
-  for _ in range(rounds):
-    started = time.perf_counter()
-    outputs = [separation.separate(loaded.model, loaded.params, mixture, settings,
-                                   loaded.calibration) for mixture, _ in utterances]
-    walls.append(time.perf_counter() - started)
-  wall = min(walls)
   gmac = sum(report["gmac"] for _, report in outputs)
   exits = [block["exit"] for _, report in outputs for block in report["blocks"]]
   quality = [si_snri(estimate, sources, mixture)
@@ -94,6 +93,24 @@ def run_policy(loaded, utterances, settings: separation.SeparationSettings,
           "wall_s_per_audio_s": wall / audio_seconds,
           "real_time_factor": wall / audio_seconds, "si_snri_db": float(np.mean(quality)),
           "exits_run_mean": float(np.mean([r["exits_run_mean"] for _, r in outputs]))}
+
+
+def run_policies(loaded, utterances, settings: dict[str, separation.SeparationSettings],
+                 rounds: int = 3) -> dict[str, dict]:
+  """Each policy once untimed (compiling its window), then `rounds` rounds in which every policy
+  makes one timed pass in turn, the fastest pass of each kept.
+
+  Interleaved, so that the machine's drift (its speed moves by 2x between runs, and by 10-20 %
+  within minutes) falls on every policy alike rather than on whichever ran at a slow moment.
+  """
+  outputs = {name: separate_all(loaded, utterances, s)[0] for name, s in settings.items()}
+  walls = {name: [] for name in settings}
+  for round_index in range(rounds):
+    log(f"timed round {round_index + 1} of {rounds}")
+    for name, policy in settings.items():
+      walls[name].append(separate_all(loaded, utterances, policy)[1])
+  return {name: policy_row(loaded, utterances, outputs[name], min(walls[name]))
+          for name in settings}
 
 
 def whole_utterance_si_snri(loaded, utterances) -> float:
@@ -117,20 +134,15 @@ def sweep(loaded, utterances, target_dbs, confidence, chunk_seconds, context_sec
                                        context_seconds=context_seconds, confidence=confidence)
   exits = loaded.model.config.exits
   reference = separation.SeparationSettings(**{**base.__dict__, "static_exit": exits})
-  log(f"reference: exit {exits} everywhere (one untimed pass first)")
-  run_policy(loaded, utterances, reference, rounds=1)
-  last = run_policy(loaded, utterances, reference)
-  rows = []
+  settings = {"last": reference}
   for target in target_dbs:
-    log(f"target {target} dB")
-    row = run_policy(loaded, utterances, separation.SeparationSettings(
-        **{**base.__dict__, "target_db": float(target)}))
-    row["target_db"] = float(target)
-    rows.append(row)
-  # The reference again after the sweep, the faster of the two kept (the machine drifts).
-  again = run_policy(loaded, utterances, reference)
-  if again["wall_s_per_audio_s"] < last["wall_s_per_audio_s"]:
-    last = again
+    settings[float(target)] = separation.SeparationSettings(
+        **{**base.__dict__, "target_db": float(target)})
+  log(f"reference: exit {exits} everywhere; targets {', '.join(map(str, target_dbs))} dB "
+      "(each once untimed, then timed rounds over all of them)")
+  results = run_policies(loaded, utterances, settings)
+  last = results.pop("last")
+  rows = [dict(row, target_db=target) for target, row in results.items()]
   for row in rows:
     gmac_saving = 1.0 - row["gmac_per_s"] / last["gmac_per_s"]
     wall_saving = 1.0 - row["wall_s_per_audio_s"] / last["wall_s_per_audio_s"]

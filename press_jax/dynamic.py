@@ -161,6 +161,15 @@ def _dynamic_core(params, mixture, mask, target_db, confidence, reference_power,
       exits_run=state["exits_run"])
 
 
+def _float32(value):
+  """value as float32: host values (numpy, Python numbers) stay on the host, for the jitted core
+  to transfer with its other arguments (an eager jnp.asarray costs a dispatch per argument);
+  JAX arrays and tracers stay JAX arrays."""
+  if isinstance(value, jax.Array) or isinstance(value, jax.core.Tracer):
+    return jnp.asarray(value, jnp.float32)
+  return np.asarray(value, np.float32)
+
+
 def _checked_max_exit(config: PressConfig, max_exit: int | None) -> int:
   max_exit = config.exits if max_exit is None else int(max_exit)
   if not 1 <= max_exit <= config.exits:
@@ -206,20 +215,20 @@ def dynamic_select(
     raise ValueError(f"the crossfade must be shorter than a block ({config.block_length} "
                      f"samples), got {crossfade} samples")
   conditions = exit_rule._check_conditions(conditions)
-  mixture = jnp.asarray(mixture, jnp.float32)
-  mask = jnp.ones_like(mixture) if mask is None else jnp.asarray(mask, jnp.float32)
+  mixture = _float32(mixture)
+  mask = (np.ones(mixture.shape, np.float32) if mask is None and isinstance(mixture, np.ndarray)
+          else jnp.ones_like(mixture) if mask is None else _float32(mask))
   use_mixture_reference = reference_power is None
   scales = (None, None)
   if calibration is not None:
-    scales = (jnp.atleast_1d(jnp.asarray(calibration.log_alpha_scale, jnp.float32)),
-              jnp.atleast_1d(jnp.asarray(calibration.log_beta_scale, jnp.float32)))
+    scales = tuple(scale.reshape(-1) if scale.ndim == 0 else scale for scale in (
+        _float32(calibration.log_alpha_scale), _float32(calibration.log_beta_scale)))
     if scales[0].shape[0] not in (1, config.exits):
       raise ValueError(f"the post-calibration has {scales[0].shape[0]} factors; expected 1 or "
                        f"one per exit ({config.exits})")
   return _dynamic_core(
-      params, mixture, mask, jnp.asarray(target_db, jnp.float32),
-      jnp.asarray(confidence, jnp.float32),
-      jnp.asarray(0.0 if use_mixture_reference else reference_power, jnp.float32), *scales,
+      params, mixture, mask, _float32(target_db), _float32(confidence),
+      _float32(0.0 if use_mixture_reference else reference_power), *scales,
       config=config, block_length=config.block_length, crossfade=crossfade,
       conditions=conditions, max_exit=max_exit, policy=policy,
       use_mixture_reference=use_mixture_reference, method=method)

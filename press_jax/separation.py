@@ -18,6 +18,7 @@ import dataclasses
 import itertools
 from typing import Any, Iterable, Iterator
 
+import jax
 import numpy as np
 
 from press_jax import calibration as calibration_lib
@@ -162,7 +163,8 @@ class ChunkedSeparator:
     window = np.zeros(geometry.window, np.float32)
     available = self._buffer[offset:offset + geometry.window]
     window[:available.size] = available
-    selection = self._select(window, available.size)
+    # One transfer of everything the window returns (not an eager slice per field).
+    selection = jax.device_get(self._select(window, available.size))
     estimate = np.asarray(selection.waveform[0], np.float32)  # (speakers, window)
 
     # Align the speaker order with the previous window on the audio both cover.
