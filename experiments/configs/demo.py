@@ -4,10 +4,11 @@ Command:
   make demo   (= python -m experiments.main --config experiments/configs/demo.py --workdir runs/demo;
                `--config demo` names the same file)
 Expected on 2 cores: corpus build ~1.5 min (once, cached afterwards), training 2700 steps in
-~6.5 min (~7 steps/s; sized so that a machine half as fast still finishes them inside the
-15-minute time limit, with ~10 % to spare), fine-tuning and test evaluation ~2 min; ~8-12 min in
-all from a fresh clone. Results (README, "What it gives today"): test SI-SNRi about
-4.3 / 4.5 / 4.6 dB at exits 1 / 2 / 3, 0.038 / 0.042 / 0.051 GMAC/s.
+~5-9 min (8-10 steps/s on a fast day, ~5.2 on a slow one; a machine half as fast as the slow
+day is cut by the 15-minute time limit at ~2300 steps, and the report says so), fine-tuning and
+test evaluation ~2-3 min; ~10-15 min in all from a fresh clone. Results (README, "Latest run"):
+test SI-SNRi 4.3-4.4 / 4.5-4.7 / 4.6-4.9 dB at exits 1 / 2 / 3 over three runs,
+0.038 / 0.042 / 0.051 GMAC/s.
 Sweeps: python -m experiments.sweep --config demo --sweep seeds --root runs/demo_seeds
 """
 
