@@ -130,6 +130,27 @@ def _dynamic_core(params, mixture, mask, target_db, confidence, reference_power,
 
   groups_needed = math.ceil(max_exit / spg)
 
+  def accumulate_variance(stacked, state):
+    """A cumulative exit's running sums, from a stage whose own exit is not taken."""
+    _, log_var, log_alpha = stacked
+    return {**state, "sum_alpha": state["sum_alpha"] + jnp.exp(log_alpha[0]),
+            "sum_inverse_beta": state["sum_inverse_beta"] + jnp.exp(-(log_alpha[0] + log_var[0]))}
+
+  def run_stage_without_exit(position, group, state):
+    """Only the stage's blocks (and, for cumulative exits, its variance head): the static
+    policy takes no exit before `max_exit`, so its heads and exit rule would be wasted work."""
+    group_params = _index_stacked(params["stages"], group)
+    heads = "variance" if config.cumulative_exits else "none"
+    module = press_net.StageGroup(config, samples, blocks, positions=(position,), heads=heads)
+    streams, stacked = module.apply({"params": group_params}, state["streams"], context)
+    state = {**state, "streams": streams, "exits_run": state["exits_run"] + 1}
+    return accumulate_variance(stacked, state) if config.cumulative_exits else state
+
+  def static_body(state):
+    for position in range(spg):
+      state = run_stage_without_exit(position, state["group"], state)
+    return {**state, "group": state["group"] + 1}
+
   def group_body(state):
     group = state["group"]
     state = run_stage(0, group, state)
@@ -153,7 +174,16 @@ def _dynamic_core(params, mixture, mask, target_db, confidence, reference_power,
   if config.cumulative_exits:
     state["sum_alpha"] = jnp.zeros((batch, speakers, blocks), jnp.float32)
     state["sum_inverse_beta"] = jnp.zeros((batch, speakers, blocks), jnp.float32)
-  state = jax.lax.while_loop(group_condition, group_body, state)
+  if policy == "static":
+    # Whole groups before the one holding exit `max_exit` in a loop, then that group's stages
+    # up to the exit, the last with its heads and the (always accepting) rule.
+    last_group, last_position = divmod(last, spg)
+    state = jax.lax.while_loop(lambda state: state["group"] < last_group, static_body, state)
+    for position in range(last_position):
+      state = run_stage_without_exit(position, state["group"], state)
+    state = run_stage(last_position, state["group"], state)
+  else:
+    state = jax.lax.while_loop(group_condition, group_body, state)
   exit_index = jnp.where(state["exit_index"] < 0, last, state["exit_index"])
   return DynamicSelection(
       waveform=state["waveform"] * prepared.mask[:, None, :], exit_index=exit_index,
@@ -197,7 +227,8 @@ def dynamic_select(
   """Separate `mixture`, computing decoder stages only until every block has accepted an exit.
 
   `max_exit` (1-based, default the last) caps the depth and is always accepted; `policy`
-  'static' takes exit `max_exit` for every block (the same loop, no early acceptance).
+  'static' takes exit `max_exit` for every block: the stages before it run without their exit
+  heads or the rule (nothing before `max_exit` can be accepted), in a while loop over groups.
   `calibration` is applied to each exit's predicted distribution before the rule.
   """
   config = model.config

@@ -136,7 +136,10 @@ class ChunkedSeparator:
     self._tail: np.ndarray | None = None  # Previous window's aligned output from _tail_start.
     self._tail_start = 0
     exits_run = self.settings.static_exit or self.settings.max_exit or config.exits
-    self._gmac_per_exit = [compute.gmac_per_second(config, e, all_heads=True)
+    # The dynamic loop and the masked path run every computed exit's heads; a static exit on
+    # the dynamic path runs only its own (dynamic.dynamic_select).
+    static_only = self.settings.static_exit is not None and not self.settings.masked
+    self._gmac_per_exit = [compute.gmac_per_second(config, e, all_heads=not static_only)
                            for e in range(1, config.exits + 1)]
     self.last_exit_gmac_per_s = self._gmac_per_exit[exits_run - 1]
 

@@ -163,3 +163,40 @@ def test_bad_arguments(kwargs, message):
   mixture, mask = mixtures()
   with pytest.raises(ValueError, match=message):
     dynamic.dynamic_select(model, params, mixture, mask, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["three_stages_per_step", "mask_head", "cumulative"])
+def test_static_exit_skips_the_earlier_exits_heads(name, monkeypatch):
+  """The static policy traces one waveform head (its exit's, outside any loop), and still equals
+  the masked path; the dynamic loop's body holds every stage's head of a group."""
+  import flax.linen as nn
+
+  model, params = model_and_params(name)
+  mixture, mask = mixtures()
+  exits = model.config.exits
+  settings = dict(target_db=3.0, confidence=0.6, max_exit=exits)
+  got = dynamic.dynamic_select(model, params, mixture, mask, policy="static", **settings)
+  assert_same_selection(got, dynamic.masked_select(model, params, mixture, mask,
+                                                   policy="static", **settings))
+  assert int(got.exits_run) == exits
+
+  unjitted = dynamic._dynamic_core.__wrapped__
+
+  def heads_traced(policy):
+    calls = []
+
+    def interceptor(next_function, args, kwargs, context):
+      if (isinstance(context.module, (press_net.WaveformHead, press_net.MaskHead))
+              and context.method_name == "__call__"):
+        calls.append(context.module.name)
+      return next_function(*args, **kwargs)
+
+    # Traced afresh (jit's cache would skip the Python function and with it the interceptor).
+    monkeypatch.setattr(dynamic, "_dynamic_core", unjitted)
+    with nn.intercept_methods(interceptor):
+      jax.make_jaxpr(lambda p, x, m: dynamic.dynamic_select(
+          model, p, x, m, policy=policy, **settings))(params, mixture, mask)
+    return len(calls)
+
+  assert heads_traced("static") == 1
+  assert heads_traced("dynamic") == model.config.stages_per_group > 1
