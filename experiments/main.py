@@ -193,11 +193,18 @@ def format_report(summary: dict) -> str:
                "uniform (0 = calibrated), per exit: " + ", ".join(
                    f"{e['calibration']['pit_ks']:.3f}" for e in summary["per_exit"]))
   training = summary.get("training")
-  if training and training["steps"] < training["planned_steps"]:
+  if training and training.get("replanned_steps") and training["steps"] >= training[
+      "replanned_steps"]:
+    lines.append(f"NOTE: training was re-planned to fit its time limit "
+                 f"({training['time_limit_s']:.0f} s): {training['steps']} of "
+                 f"{training['planned_steps']} planned steps, the learning rate decayed to 0 at "
+                 "the last (train/schedule.json). This machine is slower than the config was "
+                 "sized for; the numbers above are those of a shorter, fully annealed run.")
+  elif training and training["steps"] < training["planned_steps"]:
     lines.append(f"WARNING: training stopped at its time limit ({training['time_limit_s']:.0f} s) "
-                 f"after {training['steps']} of {training['planned_steps']} steps: this machine "
-                 "is slower than the config was sized for, and the numbers above are those of a "
-                 "shorter run than the config's docstring promises.")
+                 f"after {training['steps']} of {training.get('replanned_steps') or training['planned_steps']} "
+                 "steps: this machine is slower than the config was sized for, and the numbers "
+                 "above are those of a shorter run than the config's docstring promises.")
   silent = [e.get("silent_stream_fraction", 0.0) for e in summary["per_exit"]]
   if any(silent):
     lines.append("WARNING: silent output streams (estimate > 30 dB below its source), share per "
@@ -242,7 +249,9 @@ def run(experiment: configs.ExperimentConfig, workdir: str) -> dict:
     model_dir = run_finetuning(experiment, workdir, model_dir)
   summary = run_evaluation(experiment, model_dir, experiment.data.test_split,
                            experiment.max_test_batches)
+  plan = train_lib.read_schedule(os.path.join(workdir, "train"))
   summary["training"] = {"steps": trained_steps, "planned_steps": experiment.train.steps,
+                         "replanned_steps": plan["steps"] if plan and plan["replans"] else None,
                          "time_limit_s": experiment.train.time_limit_s}
   save_final_model(model_dir, os.path.join(workdir, "model"))
   stages = None

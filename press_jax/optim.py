@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
@@ -33,12 +34,46 @@ class OptimizerConfig:
                        f"{self.accumulation_steps}")
 
 
-def learning_rate_schedule(config: OptimizerConfig) -> optax.Schedule:
-  """Linear 0 -> peak over warmup_steps, then linear peak -> 0 at total_steps."""
+def learning_rate_schedule(config: OptimizerConfig,
+                           replans: tuple[tuple[int, int], ...] = ()) -> optax.Schedule:
+  """Linear 0 -> peak over warmup_steps, then linear peak -> 0 at total_steps.
+
+  `replans`: ((update, total), ...), each a shortened plan from `update` on: the rate decays
+  linearly from its value at `update` to 0 at `total` (the trainer's `anneal_to_time_limit`
+  writes them when the time limit would cut the run; docs/training.md). Updates strictly
+  increasing, each total above its update and no later than the plan before it.
+  """
   warmup = optax.linear_schedule(0.0, config.peak_learning_rate, max(config.warmup_steps, 1))
   decay = optax.linear_schedule(config.peak_learning_rate, 0.0,
                                 max(config.total_steps - config.warmup_steps, 1))
-  return optax.join_schedules([warmup, decay], [config.warmup_steps])
+  schedule = optax.join_schedules([warmup, decay], [config.warmup_steps])
+  for update, total in check_replans(replans, config.total_steps):
+    schedule = _replanned(schedule, update, total, float(schedule(update)))
+  return schedule
+
+
+def check_replans(replans, total_steps: int) -> tuple[tuple[int, int], ...]:
+  """`replans` as a tuple of int pairs; ValueError naming the first bad one."""
+  result, previous_update, previous_total = [], -1, int(total_steps)
+  for pair in replans:
+    update, total = (int(v) for v in pair)
+    if not previous_update < update < total <= previous_total:
+      raise ValueError(
+          f"learning-rate re-plan {tuple(pair)}: need earlier update ({previous_update}) < "
+          f"update < total <= the previous plan's total ({previous_total})")
+    result.append((update, total))
+    previous_update, previous_total = update, total
+  return tuple(result)
+
+
+def _replanned(schedule: optax.Schedule, update: int, total: int, start: float) -> optax.Schedule:
+  """`schedule` before `update`; from there linear from `start` to 0 at `total`."""
+
+  def replanned(count):
+    fraction = jnp.clip((total - count) / (total - update), 0.0, 1.0)
+    return jnp.where(count < update, schedule(count), start * fraction)
+
+  return replanned
 
 
 def decay_mask(params):
@@ -47,8 +82,12 @@ def decay_mask(params):
       lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
 
 
-def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
+def make_optimizer(config: OptimizerConfig,
+                   replans: tuple[tuple[int, int], ...] = ()) -> optax.GradientTransformation:
   """clip_by_global_norm -> AdamW(schedule), wrapped in MultiSteps when accumulating.
+
+  `replans` shorten the schedule (`learning_rate_schedule`); the state's layout does not depend
+  on them, so a state of one plan continues under another.
 
   The optimiser state holds Adam's moments as one flat vector each (optax.flatten), not one
   array per parameter: checkpoints written before 2026-12-04 (per-array moments) do not restore
@@ -63,7 +102,7 @@ def make_optimizer(config: OptimizerConfig) -> optax.GradientTransformation:
       optax.flatten(optax.chain(optax.clip_by_global_norm(config.clip_norm),
                                 optax.scale_by_adam(b1=config.b1, b2=config.b2))),
       optax.add_decayed_weights(config.weight_decay, mask=decay_mask),
-      optax.scale_by_learning_rate(learning_rate_schedule(config)))
+      optax.scale_by_learning_rate(learning_rate_schedule(config, replans)))
   if config.accumulation_steps > 1:
     optimizer = optax.MultiSteps(optimizer, every_k_schedule=config.accumulation_steps)
   return optimizer

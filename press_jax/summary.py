@@ -53,6 +53,13 @@ class Progress:
       from tqdm import tqdm
       self._bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
 
+  def set_total(self, total: int) -> None:
+    """A new end of the run (a re-planned schedule)."""
+    self.total = total
+    if self._bar is not None:
+      self._bar.total = total
+      self._bar.refresh()
+
   def update(self, step: int) -> None:
     if self._bar is not None:
       self._bar.update(step - self._bar.n)

@@ -52,6 +52,10 @@ class TrainConfig:
   wait_for_checkpoints: bool = True
   max_consecutive_nonfinite: int = 20  # Stop with an error after this many skipped in a row.
   time_limit_s: float | None = None  # Checkpoint and stop after this much wall time.
+  # With a time limit: when the measured rate says the run will not reach `steps` in time,
+  # shorten the plan so the learning rate still decays to 0 at the last step that fits
+  # (re-planned at log steps, recorded in <workdir>/schedule.json; docs/training.md).
+  anneal_to_time_limit: bool = False
   init_from: str | None = None  # Work directory whose latest params start this run.
   remat: bool = False  # Recompute activations in the backward pass (less memory; on CPU faster).
   # The model's compute dtype for this run (PressConfig.dtype): None keeps the preset's
@@ -119,7 +123,41 @@ class TrainResult:
 
   state: step_lib.TrainState
   history: list[dict[str, Any]]  # Per log step: means since the previous row; per evaluation.
-  stopped_early: bool  # The time limit ended the run before `steps`.
+  stopped_early: bool  # The time limit ended the run before its (possibly re-planned) steps.
+  planned_steps: int = 0  # The steps the run was planned for at the end (`steps` or re-planned).
+  replans: tuple[tuple[int, int], ...] = ()  # (update, total updates) of each re-plan.
+
+
+SCHEDULE_FILE = "schedule.json"
+REPLAN_MARGIN = 0.97  # Plan for this share of the projected steps (checkpoints, drift).
+REPLAN_TOLERANCE = 0.98  # Re-plan only if the projection is below this share of the plan.
+
+
+def read_schedule(workdir: str) -> dict[str, Any] | None:
+  """<workdir>/schedule.json: {'steps', 'replans': [[update, total], ...]}, or None."""
+  path = os.path.join(workdir, SCHEDULE_FILE)
+  if not os.path.isfile(path):
+    return None
+  try:
+    with open(path) as handle:
+      plan = json.load(handle)
+    return {"steps": int(plan["steps"]),
+            "replans": tuple((int(u), int(t)) for u, t in plan["replans"])}
+  except (OSError, ValueError, KeyError, TypeError) as error:
+    raise ValueError(f"{path}: not a schedule plan ({error}); expected "
+                     "{'steps': int, 'replans': [[update, total], ...]}") from error
+
+
+def _write_schedule(workdir: str, steps: int, replans) -> None:
+  path = os.path.join(workdir, SCHEDULE_FILE)
+  with open(path + ".tmp", "w") as handle:
+    json.dump({"steps": steps, "replans": [list(pair) for pair in replans]}, handle)
+  os.replace(path + ".tmp", path)
+
+
+def replanned_steps(step: int, rate: float, remaining_s: float) -> int:
+  """The steps a run at `step` reaches at `rate` steps/s in `remaining_s`, with a margin."""
+  return step + int(max(rate, 0.0) * max(remaining_s, 0.0) * REPLAN_MARGIN)
 
 
 class NonFiniteTrainingError(RuntimeError):
@@ -163,16 +201,23 @@ def train(
   model = press_net.PressNet(model_config, remat=config.remat)
   loss_config = config.loss_config()
 
-  # --- optimiser ------------------------------------------------------------------------------
-  optimizer = optim.make_optimizer(config.optimizer)
-  schedule = optim.learning_rate_schedule(config.optimizer)
-
   # --- state: fresh, from a finished run, or resumed ------------------------------------------
   manager = checkpointing.make_manager(workdir, config.keep_checkpoints)
+  resumed = manager.latest_step() is not None
+
+  # --- optimiser (with the schedule's re-plans of an earlier call, when resuming) ------------
+  plan = read_schedule(workdir) if resumed else None
+  if not resumed and is_lead_host and os.path.exists(os.path.join(workdir, SCHEDULE_FILE)):
+    os.remove(os.path.join(workdir, SCHEDULE_FILE))  # A plan without a checkpoint: start over.
+  replans = plan["replans"] if plan else ()
+  plan_steps = plan["steps"] if plan else config.steps
+  optimizer = optim.make_optimizer(config.optimizer, replans)
+  schedule = optim.learning_rate_schedule(config.optimizer, replans)
+
   state = step_lib.create_train_state(model, optimizer, config.seed)
   meta = {"train": config.to_dict(), "model": model_config.to_dict(),
-          "sample_rate": model_config.sample_rate, **(extra_meta or {})}
-  resumed = manager.latest_step() is not None
+          "sample_rate": model_config.sample_rate, **(extra_meta or {}),
+          "schedule": {"steps": plan_steps, "replans": [list(p) for p in replans]}}
   if resumed:
     state, iterator_state, _ = checkpointing.restore(manager, state, mesh=mesh)
     if hasattr(train_iterator, "set_state") and iterator_state is not None:
@@ -220,7 +265,7 @@ def train(
 
   # --- loop -----------------------------------------------------------------------------------
   writer = summary.SummaryWriter(workdir, enabled=is_lead_host)
-  progress = summary.Progress(total=config.steps, initial=int(state.step), enabled=is_lead_host)
+  progress = summary.Progress(total=plan_steps, initial=int(state.step), enabled=is_lead_host)
   history: list[dict[str, Any]] = []
   step = int(state.step)
   started = time.perf_counter()
@@ -230,6 +275,7 @@ def train(
   averaged = ("loss", "per_exit_loss", "per_exit_si_snr", "grad_norm")
   window_sums: dict[str, np.ndarray] = {}  # Sums over the finite steps since the last row.
   window_finite = 0
+  rates: list[float] = []  # steps/s of this call's log windows.
 
   def handle(step_number, metrics):
     nonlocal window_start, window_step, window_sums, window_finite
@@ -243,7 +289,7 @@ def train(
       window_sums = {k: window_sums.get(k, 0.0) + np.asarray(metrics[k], np.float64)
                      for k in averaged}
       window_finite += 1
-    if step_number % config.log_every == 0 or step_number == config.steps:
+    if step_number % config.log_every == 0 or step_number == plan_steps:
       now = time.perf_counter()
       # Means over the window's finite steps (the step's own values if none was finite).
       means = ({k: v / window_finite for k, v in window_sums.items()} if window_finite
@@ -262,19 +308,61 @@ def train(
       history.append(row)
       writer.scalars("train", row, step_number)
       progress.log(row)
+      rates.append(row["steps_per_s"])
       window_start, window_step = now, step_number
 
+  def maybe_replan():
+    """Shorten the plan when this call's latest rate will not reach it before the time limit.
+
+    Single-process runs only: hosts measure their own rates and would decide differently (a
+    multi-host run keeps its plan and stops at the time limit, as without this option).
+    """
+    nonlocal plan_steps, replans, optimizer, schedule, step_fn
+    if (not config.anneal_to_time_limit or not config.time_limit_s or len(rates) < 2
+        or jax.process_count() > 1):
+      return  # The first window holds the compilation; multi-host runs keep their plan.
+    remaining = config.time_limit_s - (time.perf_counter() - started)
+    steps = replanned_steps(step, rates[-1], remaining)
+    accumulation = config.optimizer.accumulation_steps
+    total = replans[-1][1] if replans else config.optimizer.total_steps
+    new_total = min(total, steps // accumulation)
+    update = step // accumulation
+    if steps >= plan_steps * REPLAN_TOLERANCE or not update < new_total < total:
+      return
+    replans = replans + ((update, new_total),)
+    plan_steps = steps
+    optimizer = optim.make_optimizer(config.optimizer, replans)
+    schedule = optim.learning_rate_schedule(config.optimizer, replans)
+    step_fn = step_lib.parallel_train_step(mesh, model=model, loss_config=loss_config,
+                                           optimizer=optimizer)
+    meta["schedule"] = {"steps": plan_steps, "replans": [list(p) for p in replans]}
+    if is_lead_host:
+      _write_schedule(workdir, plan_steps, replans)
+    history.append({"step": step, "replan": {"steps": plan_steps, "update": update,
+                                             "total_updates": new_total}})
+    progress.set_total(plan_steps)
+    progress.message(
+        f"step {step}: at {rates[-1]:.2f} steps/s the time limit ({config.time_limit_s:.0f} s) "
+        f"ends the run near step {steps}, not {config.steps}: the learning rate now decays to 0 "
+        f"at update {new_total} (schedule.json)")
+
+  def handle_then_replan(step_number, metrics):
+    logged = len(rates)
+    handle(step_number, metrics)
+    if len(rates) > logged:  # A log row: a new rate.
+      maybe_replan()
+
   try:
-    while step < config.steps:
+    while step < plan_steps:
       local_batch = next(train_iterator)
       state, metrics = step_fn(state, step_lib.global_batch(mesh, local_batch))
       step += 1
       if pending is not None:
-        handle(*pending)
+        handle_then_replan(*pending)
       pending = (step, metrics)
       progress.update(step)
       if step % config.checkpoint_every == 0:
-        handle(*pending)
+        handle_then_replan(*pending)
         pending = None
         save_checkpoint()
       if config.eval_every and make_eval_iterator and step % config.eval_every == 0:
@@ -284,7 +372,7 @@ def train(
         progress.message(f"step {step}: validation SI-SNRi per exit " + ", ".join(
             f"{v:.2f}" for v in result["si_snr_improvement"]) + " dB")
       if config.time_limit_s and time.perf_counter() - started > config.time_limit_s:
-        stopped_early = step < config.steps
+        stopped_early = step < plan_steps
         break
     if pending is not None:
       handle(*pending)
@@ -295,4 +383,5 @@ def train(
     writer.close()
     progress.close()
   write_history()
-  return TrainResult(state=state, history=history, stopped_early=stopped_early)
+  return TrainResult(state=state, history=history, stopped_early=stopped_early,
+                     planned_steps=plan_steps, replans=replans)

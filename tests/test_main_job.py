@@ -140,6 +140,14 @@ def test_report_warns_of_silent_streams():
   cut = dict(finished, training=dict(finished["training"], steps=950))
   assert "WARNING: training stopped at its time limit (840 s) after 950 of 1100 steps" in (
       main.format_report(cut))
+  replanned = dict(finished, training=dict(finished["training"], steps=900,
+                                           replanned_steps=900))
+  report = main.format_report(replanned)
+  assert "NOTE: training was re-planned to fit its time limit (840 s): 900 of 1100" in report
+  assert "WARNING" not in report
+  short_of_the_replan = dict(finished, training=dict(finished["training"], steps=850,
+                                                     replanned_steps=900))
+  assert "after 850 of 900 steps" in main.format_report(short_of_the_replan)
 
 
 def test_evaluate_names_a_work_directory_without_checkpoints(tmp_path, capsys):

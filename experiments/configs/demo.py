@@ -26,9 +26,11 @@ DEMO_MODEL = {
     "frame_norm": False,  # Keep each frame's level on the main path (docs/model.md).
     "waveform_head": "mask",  # Exits mask the encoder's frames (TasNet); +1.0 dB at equal time.
     "mixture_consistency": True,  # Estimates sum to the mixture (no silent streams).
-    "variance_floor": 1e-4,  # Predicted error variance floored at -40 dB re the mixture.
+    # Predicted error variance floored at -25 dB re the mixture (was -40): +0.2 dB at equal
+    # steps (README, probe rows 33-35); errors below the floor no longer steer the gradient.
+    "variance_floor": 3e-3,
 }
-DEMO_STEPS = 2700
+DEMO_STEPS = 4200
 
 
 def get_config(ablation: str | None = None) -> config_dict.ConfigDict:
@@ -40,10 +42,13 @@ def get_config(ablation: str | None = None) -> config_dict.ConfigDict:
   # +0.5 dB on validation at equal time (README, probe row 27; 0.5, 1.5 and 4 s lost).
   config.train.batch_size_per_device = 8
   config.train.log_every = 100
-  config.train.eval_every = 900
-  config.train.checkpoint_every = 450
+  config.train.eval_every = 1400
+  config.train.checkpoint_every = 700
   config.train.keep_checkpoints = 2
-  config.train.time_limit_s = 15 * 60.0
+  # Training stops at 540 s; a machine too slow for 4200 steps in that time re-plans the
+  # schedule to the steps that fit, so its learning rate still decays to 0 (docs/training.md).
+  config.train.time_limit_s = 540.0
+  config.train.anneal_to_time_limit = True
   config.train.optimizer.peak_learning_rate = 6e-3
   config.train.optimizer.warmup_steps = 50
   config.train.optimizer.total_steps = DEMO_STEPS
@@ -51,7 +56,7 @@ def get_config(ablation: str | None = None) -> config_dict.ConfigDict:
   config.data.max_validation_batches = 8
   # One length bucket: on a CPU each new shape costs a ~20 s compile, more than the padding.
   config.data.bucket_seconds = (6.0,)
-  config.finetune.steps_fraction = 0.03
+  config.finetune.steps_fraction = 0.02
   config.finetune.min_steps = 30
   config.finetune.peak_learning_rate = 2e-4
   config.policy.target_dbs = (0.0, 5.0, 10.0, 15.0, 20.0)
