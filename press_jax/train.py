@@ -275,10 +275,14 @@ def train(
   averaged = ("loss", "per_exit_loss", "per_exit_si_snr", "grad_norm")
   window_sums: dict[str, np.ndarray] = {}  # Sums over the finite steps since the last row.
   window_finite = 0
-  rates: list[float] = []  # steps/s of this call's log windows.
+  # steps/s of this call since its first log row (which holds the compilation), at each later
+  # row: a cumulative rate, so one slow window (a validation pass, the recompilation after a
+  # re-plan) does not shorten the plan.
+  rates: list[float] = []
+  rate_origin: tuple[int, float] | None = None
 
   def handle(step_number, metrics):
-    nonlocal window_start, window_step, window_sums, window_finite
+    nonlocal window_start, window_step, window_sums, window_finite, rate_origin
     metrics = jax.device_get(metrics)
     if int(metrics["consecutive_nonfinite"]) >= config.max_consecutive_nonfinite:
       raise NonFiniteTrainingError(
@@ -308,7 +312,10 @@ def train(
       history.append(row)
       writer.scalars("train", row, step_number)
       progress.log(row)
-      rates.append(row["steps_per_s"])
+      if rate_origin is None:
+        rate_origin = (step_number, now)
+      else:
+        rates.append((step_number - rate_origin[0]) / max(now - rate_origin[1], 1e-9))
       window_start, window_step = now, step_number
 
   def maybe_replan():
@@ -318,9 +325,9 @@ def train(
     multi-host run keeps its plan and stops at the time limit, as without this option).
     """
     nonlocal plan_steps, replans, optimizer, schedule, step_fn
-    if (not config.anneal_to_time_limit or not config.time_limit_s or len(rates) < 2
+    if (not config.anneal_to_time_limit or not config.time_limit_s or not rates
         or jax.process_count() > 1):
-      return  # The first window holds the compilation; multi-host runs keep their plan.
+      return  # No rate past the compilation yet; multi-host runs keep their plan.
     remaining = config.time_limit_s - (time.perf_counter() - started)
     steps = replanned_steps(step, rates[-1], remaining)
     accumulation = config.optimizer.accumulation_steps
@@ -349,7 +356,7 @@ def train(
   def handle_then_replan(step_number, metrics):
     logged = len(rates)
     handle(step_number, metrics)
-    if len(rates) > logged:  # A log row: a new rate.
+    if len(rates) > logged:  # A log row past the first: a new rate.
       maybe_replan()
 
   try:

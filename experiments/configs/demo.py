@@ -27,7 +27,7 @@ DEMO_MODEL = {
     "waveform_head": "mask",  # Exits mask the encoder's frames (TasNet); +1.0 dB at equal time.
     "mixture_consistency": True,  # Estimates sum to the mixture (no silent streams).
     # Predicted error variance floored at -25 dB re the mixture (was -40): +0.2 dB at equal
-    # steps (README, probe rows 33-35); errors below the floor no longer steer the gradient.
+    # steps (README, probe rows 33, 38 and 39); errors below the floor no longer steer the gradient.
     "variance_floor": 3e-3,
 }
 DEMO_STEPS = 4200
