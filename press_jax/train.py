@@ -280,9 +280,13 @@ def train(
   # re-plan) does not shorten the plan.
   rates: list[float] = []
   rate_origin: tuple[int, float] | None = None
+  replans_this_call: list[int] = []
+  first_window: tuple[int, float] | None = None  # (steps, s) of the first row: the compilation.
+  compile_s = 0.0  # Its excess over the steady rate: what a re-plan's recompilation will cost.
 
   def handle(step_number, metrics):
     nonlocal window_start, window_step, window_sums, window_finite, rate_origin
+    nonlocal first_window, compile_s
     metrics = jax.device_get(metrics)
     if int(metrics["consecutive_nonfinite"]) >= config.max_consecutive_nonfinite:
       raise NonFiniteTrainingError(
@@ -314,8 +318,12 @@ def train(
       progress.log(row)
       if rate_origin is None:
         rate_origin = (step_number, now)
+        if first_window is None:
+          first_window = (step_number - window_step, now - window_start)
       else:
         rates.append((step_number - rate_origin[0]) / max(now - rate_origin[1], 1e-9))
+        if len(rates) == 1 and not replans_this_call:
+          compile_s = max(first_window[1] - first_window[0] / rates[0], 0.0)
       window_start, window_step = now, step_number
 
   def maybe_replan():
@@ -324,17 +332,20 @@ def train(
     Single-process runs only: hosts measure their own rates and would decide differently (a
     multi-host run keeps its plan and stops at the time limit, as without this option).
     """
-    nonlocal plan_steps, replans, optimizer, schedule, step_fn
+    nonlocal plan_steps, replans, optimizer, schedule, step_fn, rate_origin
     if (not config.anneal_to_time_limit or not config.time_limit_s or not rates
         or jax.process_count() > 1):
       return  # No rate past the compilation yet; multi-host runs keep their plan.
     remaining = config.time_limit_s - (time.perf_counter() - started)
-    steps = replanned_steps(step, rates[-1], remaining)
+    if replanned_steps(step, rates[-1], remaining) >= plan_steps * REPLAN_TOLERANCE:
+      return  # The plan fits.
+    # A re-plan recompiles the step: the new plan leaves the first compilation's time for it.
+    steps = replanned_steps(step, rates[-1], remaining - compile_s)
     accumulation = config.optimizer.accumulation_steps
     total = replans[-1][1] if replans else config.optimizer.total_steps
     new_total = min(total, steps // accumulation)
     update = step // accumulation
-    if steps >= plan_steps * REPLAN_TOLERANCE or not update < new_total < total:
+    if not update < new_total < total:
       return
     replans = replans + ((update, new_total),)
     plan_steps = steps
@@ -342,6 +353,12 @@ def train(
     schedule = optim.learning_rate_schedule(config.optimizer, replans)
     step_fn = step_lib.parallel_train_step(mesh, model=model, loss_config=loss_config,
                                            optimizer=optimizer)
+    rate = rates[-1]
+    replans_this_call.append(update)
+    # The next window holds the recompilation: measure the rate afresh from the row after it,
+    # or its cost would read as a slower machine and shorten the plan again (and again).
+    rates.clear()
+    rate_origin = None
     meta["schedule"] = {"steps": plan_steps, "replans": [list(p) for p in replans]}
     if is_lead_host:
       _write_schedule(workdir, plan_steps, replans)
@@ -349,7 +366,7 @@ def train(
                                              "total_updates": new_total}})
     progress.set_total(plan_steps)
     progress.message(
-        f"step {step}: at {rates[-1]:.2f} steps/s the time limit ({config.time_limit_s:.0f} s) "
+        f"step {step}: at {rate:.2f} steps/s the time limit ({config.time_limit_s:.0f} s) "
         f"ends the run near step {steps}, not {config.steps}: the learning rate now decays to 0 "
         f"at update {new_total} (schedule.json)")
 

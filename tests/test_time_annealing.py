@@ -95,7 +95,9 @@ def replanned_run(tmp_path_factory):
 
 def test_the_run_ends_at_the_replanned_step_with_the_rate_at_zero(replanned_run):
   workdir, result, calls = replanned_run
-  assert calls[0] == 4  # The first row (step 2) holds the compilation: no decision from it.
+  # The first row (step 2) holds the compilation: no decision from it. After the re-plan at
+  # step 4 the row at 6 holds the recompilation (no decision either); the next is at step 8.
+  assert sorted(set(calls)) == [4, 8]
   assert result.planned_steps == 8 and result.replans == ((4, 8),)
   assert not result.stopped_early
   rows = [row for row in result.history if "loss" in row]

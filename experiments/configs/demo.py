@@ -3,12 +3,14 @@ r"""The README's main job: a small PRESS-Net on the embedded corpus, on a 2-core
 Command:
   make demo   (= python -m experiments.main --config experiments/configs/demo.py --workdir runs/demo;
                `--config demo` names the same file)
-Expected on 2 cores: corpus build ~1.5 min (once, cached afterwards), training 2700 steps in
-~5-9 min (8-10 steps/s on a fast day, ~5.2 on a slow one; a machine half as fast as the slow
-day is cut by the 15-minute time limit at ~2300 steps, and the report says so), fine-tuning and
-test evaluation ~2-3 min; ~10-15 min in all from a fresh clone. Results (README, "Latest run"):
-test SI-SNRi 4.3-4.4 / 4.5-4.7 / 4.6-4.9 dB at exits 1 / 2 / 3 over three runs,
-0.038 / 0.042 / 0.051 GMAC/s.
+Expected on 2 cores: corpus build ~1.1 min (once, cached afterwards), training 4200 steps in
+~8 min (~9 steps/s, 2026-12-04), fine-tuning and test evaluation ~2 min; ~12-13 min in all from
+a fresh clone. Training stops at 540 s: a machine too slow for 4200 steps in that time re-plans
+the learning-rate schedule to the steps that fit (still annealed to 0; the report says so).
+Results (README, "Latest run", 2026-12-04): test SI-SNRi 4.88 / 5.22 / 5.41 dB at exits
+1 / 2 / 3, 0.038 / 0.042 / 0.051 GMAC/s; PIT KS 0.12 / 0.09 / 0.055. A machine half as fast:
+re-planned once to ~2200 steps, test 3.91 / 4.24 / 4.38 dB (simulated with
+--config.train.time_limit_s=270; README).
 Sweeps: python -m experiments.sweep --config demo --sweep seeds --root runs/demo_seeds
 """
 
