@@ -3,6 +3,7 @@
 Run:
   python -m experiments.bench_step                       # the demo's step (tiny, batch 8 x 1 s)
   python -m experiments.bench_step --config tiny --config.data.crop_seconds=0.25 --json
+  python -m experiments.bench_step --no-parts --profile  # thread time per module, inside the step
   python -m experiments.bench_step --recurrence          # the recurrence's implementations
   python -m experiments.bench_step --recurrence --json --shape 8,4003,32
 
@@ -73,11 +74,16 @@ chunked (C = 16).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import functools
+import glob
 import json
+import os
+import re
 import statistics
 import sys
+import tempfile
 import time
 from typing import Any, Callable
 
@@ -498,8 +504,84 @@ def parts_sum_ms(parts: dict[str, dict]) -> float:
              if name not in NESTED_PARTS)
 
 
+_HLO_NAME = re.compile(r"\s*(?:ROOT )?%?([\w.\-]+) = ")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_RUNTIME_EVENTS = ("ThunkExecutor", "SlinkyThreadPool", "PjitFunction")
+
+
+def module_of(op_name: str) -> tuple[str, str]:
+  """(module, 'forward' | 'backward') of an HLO op_name, stage numbers folded.
+
+  'jit(train_step)/transpose(jvp(PressNet))/while/body/closed_call/stages/stage1_rnn0/mixer/mul'
+  -> ('PressNet/stages/stage*_rnn0', 'backward'): autodiff's transpose is the backward pass.
+  Blocks of the scanned stacks keep three levels, other submodules two (PressNet/encoder);
+  operations of PressNet itself and everything outside the model are grouped.
+  """
+  direction = "backward" if "transpose(" in op_name else "forward"
+  name = re.sub(r"^jit\([^)]*\)/", "", op_name)
+  name = re.sub(r"transpose\(jvp\((\w*)\)\)|jvp\((\w*)\)",
+                lambda m: m.group(1) or m.group(2) or "", name)
+  name = re.sub(r"(while/body/|closed_call/|checkpoint/|remat/)", "", name)
+  parts = re.sub(r"stage\d+_", "stage*_", name).strip("/").split("/")
+  if not op_name:
+    return "(no op_name: copies, loop control)", direction
+  if parts[0] != "PressNet":
+    return "outside the model (loss, PIT, metrics, update)", direction
+  if len(parts) >= 4 and parts[1] in ("stages", "encoder_blocks"):
+    return "/".join(parts[:3]), direction
+  if len(parts) >= 3:
+    return "/".join(parts[:2]), direction
+  return "PressNet (between submodules)", direction
+
+
+def profile_modules(compiled, state, batch, steps: int = 5) -> dict[str, Any]:
+  """Thread time of the compiled step per model module, from a jax.profiler trace.
+
+  XLA:CPU records one trace event per executed thunk (a fusion, a dot, a loop body's ops),
+  named after its HLO instruction; each instruction's op_name metadata says which module and
+  pass it came from. Returns {"steps", "thread_ms_per_step" (all thunks, summed over XLA's
+  threads: above the step's wall time where thunks ran in parallel), "events_per_step",
+  "modules": [{"module", "forward_ms", "backward_ms"}, ...] per step, largest first}.
+  """
+  names = {}
+  for line in compiled.as_text().splitlines():
+    match = _HLO_NAME.match(line)
+    if match and match.group(1) not in names:
+      op_name = _OP_NAME.search(line)
+      names[match.group(1)] = op_name.group(1) if op_name else ""
+  with tempfile.TemporaryDirectory() as directory:
+    jax.profiler.start_trace(directory)
+    try:
+      for _ in range(steps):
+        state, metrics = compiled(state, batch)
+        jax.block_until_ready((state, metrics))
+    finally:
+      jax.profiler.stop_trace()
+    [path] = glob.glob(os.path.join(directory, "**", "*.xplane.pb"), recursive=True)
+    profile = jax.profiler.ProfileData.from_file(path)
+    totals: dict[tuple[str, str], float] = collections.defaultdict(float)
+    thread_ns, events = 0.0, 0
+    for plane in profile.planes:
+      for line in plane.lines:
+        if "XLAEigen" not in line.name:  # XLA:CPU's compute threads.
+          continue
+        for event in line.events:
+          if event.name.startswith(_RUNTIME_EVENTS):
+            continue
+          totals[module_of(names.get(event.name, ""))] += event.duration_ns
+          thread_ns += event.duration_ns
+          events += 1
+  modules = collections.defaultdict(lambda: {"forward_ms": 0.0, "backward_ms": 0.0})
+  for (module, direction), ns in totals.items():
+    modules[module][f"{direction}_ms"] += ns / 1e6 / steps
+  rows = sorted(({"module": m, **v} for m, v in modules.items()),
+                key=lambda r: -(r["forward_ms"] + r["backward_ms"]))
+  return {"steps": steps, "thread_ms_per_step": thread_ns / 1e6 / steps,
+          "events_per_step": events / steps, "modules": rows}
+
+
 def bench_step(name: str, sets: list[str], repeats: int, seed: int = 0,
-               parts: bool = True) -> dict[str, Any]:
+               parts: bool = True, profile: bool = False) -> dict[str, Any]:
   setup = make_setup(name, sets)
   config = setup.model_config
   recurrence, setting = model_recurrence(config)
@@ -510,6 +592,7 @@ def bench_step(name: str, sets: list[str], repeats: int, seed: int = 0,
                             seed)
   step_s, compiled, state = measure_step(setup, batch, repeats, seed)
   flops, flops_method = step_flops(setup, compiled, state, jax.device_put(batch), recurrence)
+  profiled = profile_modules(compiled, state, jax.device_put(batch)) if profile else None
   del state
   parts = measure_parts(setup, recurrence, repeats, seed) if parts else {}
   reference = matmul_gflops()
@@ -523,7 +606,7 @@ def bench_step(name: str, sets: list[str], repeats: int, seed: int = 0,
       "shape": setup.shape(), "remat": setup.experiment.train.remat,
       "flops_method": flops_method, "repeats": repeats, "parts_sum_ms": summed,
       "other_ms": 1e3 * step_s - summed, "platform": jax.devices()[0].platform,
-      "jax": jax.__version__}
+      "jax": jax.__version__, **({"profile": profiled} if profile else {})}
 
 
 def format_step(result: dict[str, Any]) -> str:
@@ -562,6 +645,16 @@ def format_step(result: dict[str, Any]) -> str:
   lines.append("per-call times are medians of each part jitted alone with its own parameters; "
                "ms/step = calls x per call; optimizer_update has no backward (both columns are "
                "the update)")
+  profile = result.get("profile")
+  if profile:
+    lines.append(f"inside the step (jax.profiler, {profile['steps']} steps): "
+                 f"{profile['thread_ms_per_step']:.1f} ms of XLA thread time per step "
+                 f"({profile['events_per_step']:.0f} thunks) against {step_ms:.1f} ms of wall time")
+    lines.append(f"{'module':<48} {'forward ms':>11} {'backward ms':>12} {'share':>6}")
+    for row in profile["modules"]:
+      total = row["forward_ms"] + row["backward_ms"]
+      lines.append(f"{row['module']:<48} {row['forward_ms']:>11.2f} {row['backward_ms']:>12.2f} "
+                   f"{100 * total / max(profile['thread_ms_per_step'], 1e-9):>5.1f}%")
   return "\n".join(lines)
 
 
@@ -624,6 +717,9 @@ def main(argv=None) -> int:
   parser.add_argument("--json", action="store_true", help="print one JSON object")
   parser.add_argument("--no-parts", action="store_true",
                       help="skip the per-part breakdown (step time, FLOPs and ratio only)")
+  parser.add_argument("--profile", action="store_true",
+                      help="also trace 5 steps with jax.profiler and attribute XLA's thread time "
+                           "to model modules, forward and backward (key 'profile')")
   parser.add_argument("--recurrence", action="store_true",
                       help="time the recurrence's implementations instead of the step")
   parser.add_argument("--shape", type=parse_shape, metavar="B,T,H",
@@ -649,7 +745,8 @@ def main(argv=None) -> int:
       print(format_recurrence(results, shape, reference))
     return 0
 
-  result = bench_step(args.config, args.config_overrides, args.repeats, args.seed, parts=not args.no_parts)
+  result = bench_step(args.config, args.config_overrides, args.repeats, args.seed,
+                      parts=not args.no_parts, profile=args.profile)
   print(json.dumps(result) if args.json else format_step(result))
   return 0
 

@@ -60,3 +60,30 @@ def test_speech_like_batch():
   assert (batch["mixture"] == batch["sources"].sum(1)).all() and batch["mask"].all()
   rms = (batch["sources"] ** 2).mean(-1) ** 0.5
   assert ((rms > 0.05) & (rms < 0.2)).all()  # 0.1 RMS within +-5 dB.
+
+
+def test_module_of_folds_stages_and_tells_the_pass():
+  assert bench_step.module_of(
+      "jit(train_step)/transpose(jvp(PressNet))/while/body/closed_call/stages/stage1_rnn0/"
+      "mixer/mul") == ("PressNet/stages/stage*_rnn0", "backward")
+  assert bench_step.module_of("jit(train_step)/jvp(PressNet)/encoder/conv/dot_general") == (
+      "PressNet/encoder", "forward")
+  assert bench_step.module_of("jit(train_step)/jvp(PressNet)/mul") == (
+      "PressNet (between submodules)", "forward")
+  assert bench_step.module_of("jit(train_step)/reduce_sum")[0].startswith("outside the model")
+  assert bench_step.module_of("")[0].startswith("(no op_name")
+
+
+def test_profile_attributes_the_step_to_modules(capsys):
+  assert bench_step.main(["--config", "tiny", "--config.data.crop_seconds=0.25",
+                          "--config.train.batch_size_per_device=1", "--json", "--no-parts",
+                          "--profile", "--repeats", "1"]) == 0
+  profile = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["profile"]
+  modules = {row["module"]: row for row in profile["modules"]}
+  assert profile["steps"] == 5 and profile["events_per_step"] > 0
+  # tiny: an encoder, encoder blocks, decoder stages with waveform and variance heads.
+  for name in ("PressNet/encoder", "PressNet/stages/stage*_waveform_head",
+               "PressNet/stages/stage*_variance_head"):
+    assert modules[name]["forward_ms"] > 0 and modules[name]["backward_ms"] > 0, name
+  total = sum(row["forward_ms"] + row["backward_ms"] for row in profile["modules"])
+  assert total == pytest.approx(profile["thread_ms_per_step"], rel=1e-9)
