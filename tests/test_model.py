@@ -97,6 +97,27 @@ def test_framing_is_a_strided_convolution_and_overlap_add_its_transpose(kernel, 
   np.testing.assert_allclose(lhs, rhs, rtol=1e-4)
 
 
+@pytest.mark.parametrize("kernel,stride,samples,frames", [
+    (16, 4, 1001, None), (160, 40, 8000, None), (32, 8, 999, None), (16, 4, 16, None),
+    (16, 4, 900, 260)])  # The last: more frames than the samples need (cropped).
+def test_overlap_add_written_out_gradient_is_autodiffs(kernel, stride, samples, frames):
+  """overlap_add's custom gradient against autodiff of the plain pad-and-sum, and (for the
+  frame count the model uses) against framing, its adjoint."""
+  count = frames or press_net.num_frames(samples, kernel, stride)
+  key_y, key_g = jax.random.split(jax.random.key(4))
+  y = jax.random.normal(key_y, (2, 3, count, kernel))
+  cotangent = jax.random.normal(key_g, (2, 3, samples))
+  value, pullback = jax.vjp(lambda x: press_net.overlap_add(x, stride, samples), y)
+  reference_value, reference_pullback = jax.vjp(
+      lambda x: press_net._overlap_add(x, stride, samples), y)
+  np.testing.assert_array_equal(value, reference_value)
+  np.testing.assert_allclose(pullback(cotangent)[0], reference_pullback(cotangent)[0],
+                             rtol=0, atol=0)
+  if frames is None:
+    framed = press_net.frame_signal(cotangent.reshape(6, samples), kernel, stride)
+    np.testing.assert_array_equal(pullback(cotangent)[0].reshape(framed.shape), framed)
+
+
 @pytest.mark.parametrize("waveform_head", ["mapping", "mask"])
 def test_padding_never_changes_the_valid_outputs(waveform_head):
   if waveform_head == "mapping":

@@ -1,7 +1,7 @@
 """Building blocks of PRESS-Net: the linear-RNN mixer, speaker attention, GLU feed-forward.
 
-All pointwise maps are `nn.Dense` (einsum), never 1x1 convolutions: on XLA:CPU the latter are
-much slower inside scanned bodies (ENV_NOTES).
+All pointwise maps are `Dense` (`nn.Dense` with a written-out kernel gradient, dense.py), never
+1x1 convolutions: on XLA:CPU the latter are much slower inside scanned bodies (ENV_NOTES).
 
 Precision (docs/model.md, "Precision"): `dtype` is the compute dtype of the matmuls (Dense,
 attention) and of the elementwise maps between them; parameters are float32 (Flax's default
@@ -17,6 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
+
+from press_jax.models.dense import Dense
 
 # The recurrence kernels live in their own module; re-exported here for the blocks' users.
 from press_jax.models.recurrence import (  # noqa: F401
@@ -49,8 +51,8 @@ class GatedFeedForward(nn.Module):
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    value, gate = jnp.split(nn.Dense(2 * self.hidden, dtype=self.dtype, name="expand")(x), 2, -1)
-    return nn.Dense(width, dtype=self.dtype, name="contract")(nn.gelu(value) * gate)
+    value, gate = jnp.split(Dense(2 * self.hidden, dtype=self.dtype, name="expand")(x), 2, -1)
+    return Dense(width, dtype=self.dtype, name="contract")(nn.gelu(value) * gate)
 
 
 class LinearRNNMixer(nn.Module):
@@ -74,7 +76,7 @@ class LinearRNNMixer(nn.Module):
       frame_mask: Float[Array, "batch time"],
   ) -> Float[Array, "batch time width"]:
     width = x.shape[-1]
-    projected = nn.Dense(3 * self.hidden, dtype=self.dtype, name="in_projection")(x)
+    projected = Dense(3 * self.hidden, dtype=self.dtype, name="in_projection")(x)
     update_logit, candidate, gate = jnp.split(projected.astype(jnp.float32), 3, axis=-1)
     update = jax.nn.sigmoid(update_logit)
     keep = frame_mask[..., None].astype(jnp.float32)
@@ -84,7 +86,7 @@ class LinearRNNMixer(nn.Module):
         decay, drive, implementation=self.recurrence, chunk=self.recurrence_chunk)
     skip = self.param("skip", nn.initializers.ones, (self.hidden,))
     mixed = (forward + backward + skip * candidate) * nn.gelu(gate)
-    return nn.Dense(width, dtype=self.dtype, name="out_projection")(mixed.astype(self.dtype))
+    return Dense(width, dtype=self.dtype, name="out_projection")(mixed.astype(self.dtype))
 
 
 class SpeakerAttention(nn.Module):
@@ -97,7 +99,7 @@ class SpeakerAttention(nn.Module):
   def __call__(self, x: Float[Array, "batch speakers time width"]):
     width = x.shape[-1]
     head_width = width // self.heads
-    qkv = nn.Dense(3 * width, dtype=self.dtype, name="qkv")(x)
+    qkv = Dense(3 * width, dtype=self.dtype, name="qkv")(x)
     qkv = qkv.reshape(*x.shape[:-1], 3, self.heads, head_width)
     query, key, value = qkv[..., 0, :, :], qkv[..., 1, :, :], qkv[..., 2, :, :]
     # Logits accumulated in float32 (not rounded to `dtype` first), softmax in float32; the
@@ -107,7 +109,7 @@ class SpeakerAttention(nn.Module):
     weights = jax.nn.softmax(logits / jnp.sqrt(head_width), axis=-1).astype(value.dtype)
     attended = jnp.einsum("bfhst,btfhd->bsfhd", weights, value)
     attended = attended.reshape(*x.shape[:-1], width)
-    return nn.Dense(width, dtype=self.dtype, name="out_projection")(attended)
+    return Dense(width, dtype=self.dtype, name="out_projection")(attended)
 
 
 class RecurrentBlock(nn.Module):

@@ -34,6 +34,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from press_jax import config as config_lib
+from press_jax.models.dense import Dense
 from press_jax.models.layers import AttentionBlock, RecurrentBlock
 from press_jax.types import ExitOutputs
 
@@ -84,7 +85,41 @@ def frame_signal(signal: Float[Array, "batch samples"], kernel: int, stride: int
 
 
 def overlap_add(frames: Float[Array, "... frames kernel"], stride: int, samples: int):
-  """Inverse of `frame_signal`'s layout: sum overlapping frames, crop to `samples`."""
+  """Inverse of `frame_signal`'s layout: sum overlapping frames, crop to `samples`.
+
+  Its gradient is written out (`_overlap_add_transpose`): autodiff's transpose of the pad-and-sum
+  below writes `overlap` zero-padded copies of the whole frame tensor and sums them, the
+  largest element-wise pass of a mask head's backward on XLA:CPU (README, "Speed"); the
+  transpose is a framing of the cotangent, one pass.
+  """
+
+  @jax.custom_vjp
+  def summed(x):
+    return _overlap_add(x, stride, samples)
+
+  def forward(x):
+    return _overlap_add(x, stride, samples), None
+
+  def backward(_, cotangent):
+    return (_overlap_add_transpose(cotangent, frames.shape[-2], frames.shape[-1], stride),)
+
+  summed.defvjp(forward, backward)
+  return summed(frames)
+
+
+def _overlap_add_transpose(cotangent: Float[Array, "... samples"], count: int, kernel: int,
+                           stride: int) -> Float[Array, "... frames kernel"]:
+  """The adjoint of `_overlap_add`: frame k of the result is the cotangent's samples under it."""
+  overlap = kernel // stride
+  lead = cotangent.shape[:-1]
+  left = (overlap - 1) * stride
+  total = (count + overlap - 1) * stride
+  padded = jnp.pad(cotangent, [(0, 0)] * len(lead) + [(left, total - left - cotangent.shape[-1])])
+  pieces = padded.reshape(*lead, count + overlap - 1, stride)
+  return jnp.concatenate([pieces[..., k:k + count, :] for k in range(overlap)], axis=-1)
+
+
+def _overlap_add(frames, stride: int, samples: int):
   count, kernel = frames.shape[-2:]
   overlap = kernel // stride
   lead = frames.shape[:-2]
@@ -118,11 +153,11 @@ class Encoder(nn.Module):
   @nn.compact
   def __call__(self, mixture: Float[Array, "batch samples"]):
     frames = frame_signal(mixture, self.kernel, self.stride)
-    hidden = nn.gelu(nn.Dense(self.channels, use_bias=False, dtype=self.dtype, name="conv")(frames))
+    hidden = nn.gelu(Dense(self.channels, use_bias=False, dtype=self.dtype, name="conv")(frames))
     hidden = hidden.astype(jnp.float32)  # The norm (and the mask heads' basis) in float32.
     if self.frame_norm:
       hidden = nn.RMSNorm(name="norm")(hidden)
-    latent = nn.Dense(self.width, dtype=self.dtype, name="projection")(hidden)
+    latent = Dense(self.width, dtype=self.dtype, name="projection")(hidden)
     latent = latent.astype(jnp.float32)
     return (latent, hidden) if self.with_basis else latent
 
@@ -138,8 +173,8 @@ class SpeakerSplit(nn.Module):
   def __call__(self, x: Float[Array, "batch frames width"]):
     batch, frames, width = x.shape
     value, gate = jnp.split(
-        nn.Dense(2 * self.speakers * width, dtype=self.dtype, name="expand")(x), 2, axis=-1)
-    streams = nn.Dense(self.speakers * width, dtype=self.dtype, name="mix")(
+        Dense(2 * self.speakers * width, dtype=self.dtype, name="expand")(x), 2, axis=-1)
+    streams = Dense(self.speakers * width, dtype=self.dtype, name="mix")(
         value * jax.nn.sigmoid(gate))
     streams = streams.reshape(batch, frames, self.speakers, width).transpose(0, 2, 1, 3)
     streams = streams.astype(jnp.float32)  # (batch, speakers, frames, width)
@@ -158,8 +193,8 @@ class WaveformHead(nn.Module):
   def __call__(self, streams: Float[Array, "batch speakers frames width"], samples: int):
     width = streams.shape[-1]
     hidden = nn.RMSNorm(name="norm")(streams) if self.frame_norm else streams
-    value, gate = jnp.split(nn.Dense(2 * width, dtype=self.dtype, name="glu")(hidden), 2, -1)
-    frames = nn.Dense(self.kernel, dtype=self.dtype, name="transposed_conv")(
+    value, gate = jnp.split(Dense(2 * width, dtype=self.dtype, name="glu")(hidden), 2, -1)
+    frames = Dense(self.kernel, dtype=self.dtype, name="transposed_conv")(
         value * jax.nn.sigmoid(gate))
     return overlap_add(frames.astype(jnp.float32), self.stride, samples)
 
@@ -182,11 +217,15 @@ class MaskHead(nn.Module):
                basis: Float[Array, "batch frames channels"], samples: int):
     width, channels = streams.shape[-1], basis.shape[-1]
     hidden = nn.RMSNorm(name="norm")(streams) if self.frame_norm else streams
-    value, gate = jnp.split(nn.Dense(2 * width, dtype=self.dtype, name="glu")(hidden), 2, -1)
-    mask = jax.nn.sigmoid(nn.Dense(channels, dtype=self.dtype, name="mask")(
+    value, gate = jnp.split(Dense(2 * width, dtype=self.dtype, name="glu")(hidden), 2, -1)
+    mask = jax.nn.sigmoid(Dense(channels, dtype=self.dtype, name="mask")(
         value * jax.nn.sigmoid(gate)))
-    frames = nn.Dense(self.kernel, use_bias=False, dtype=self.dtype, name="transposed_conv")(
-        mask * basis[:, None].astype(mask.dtype))
+    # One product per stream, stacked, rather than a broadcast over the speaker axis: the same
+    # values, but the basis gradient becomes a sum of products instead of a reduction, which
+    # XLA:CPU fused into a slow YNNPACK reduce (README, "Speed").
+    basis = basis.astype(mask.dtype)
+    masked = jnp.stack([mask[:, s] * basis for s in range(mask.shape[1])], axis=1)
+    frames = Dense(self.kernel, use_bias=False, dtype=self.dtype, name="transposed_conv")(masked)
     return overlap_add(frames.astype(jnp.float32), self.stride, samples)
 
 
@@ -211,8 +250,8 @@ class VarianceHead(nn.Module):
   ):
     hidden = nn.RMSNorm(name="norm")(streams.astype(jnp.float32)).astype(jnp.float32)
     pooled = pool_blocks(hidden, frame_block, frame_weight, blocks)
-    hidden = nn.gelu(nn.Dense(self.hidden, dtype=jnp.float32, name="hidden")(pooled))
-    raw = nn.Dense(2, dtype=jnp.float32, name="output")(hidden)
+    hidden = nn.gelu(Dense(self.hidden, dtype=jnp.float32, name="hidden")(pooled))
+    raw = Dense(2, dtype=jnp.float32, name="output")(hidden)
     variance = self.variance_floor + jax.nn.softplus(raw[..., 0])
     alpha = self.alpha_floor + jax.nn.softplus(raw[..., 1])
     return jnp.log(variance), jnp.log(alpha)
