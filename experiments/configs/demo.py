@@ -3,13 +3,14 @@ r"""The README's main job: a small PRESS-Net on the embedded corpus, on a 2-core
 Command:
   make demo   (= python -m experiments.main --config experiments/configs/demo.py --workdir runs/demo;
                `--config demo` names the same file)
-Expected on 2 cores: corpus build ~1.1 min (once, cached afterwards), training 4200 steps in
-~8 min (~9 steps/s, 2026-12-04), fine-tuning and test evaluation ~2 min; ~12-13 min in all from
-a fresh clone. Training stops at 540 s: a machine too slow for 4200 steps in that time re-plans
-the learning-rate schedule to the steps that fit (still annealed to 0; the report says so).
-Results (README, "Latest run", 2026-12-04): test SI-SNRi 4.88 / 5.22 / 5.41 dB at exits
-1 / 2 / 3, 0.038 / 0.042 / 0.051 GMAC/s; PIT KS 0.12 / 0.09 / 0.055. A machine half as fast:
-re-planned once to ~2200 steps, test 3.91 / 4.24 / 4.38 dB (simulated with
+Expected on 2 cores: corpus build ~1 min (once, cached afterwards), training 5400 steps in
+~8 min (~11 steps/s, 2026-12-05), fine-tuning and test evaluation ~2.5 min; ~12.5 min in all
+from a fresh clone (749 s measured, `.venv` from scratch included). Training stops at 540 s: a
+machine too slow for 5400 steps in that time re-plans the learning-rate schedule to the steps
+that fit (still annealed to 0; the report says so).
+Results (README, "Latest run", 2026-12-05): test SI-SNRi 5.24 / 5.59 / 5.69 dB at exits
+1 / 2 / 3, 0.038 / 0.042 / 0.051 GMAC/s; PIT KS 0.11 / 0.10 / 0.074. A machine half as fast:
+re-planned once to ~2200 steps, test 3.97 / 4.22 / 4.35 dB (simulated with
 --config.train.time_limit_s=270; README).
 Sweeps: python -m experiments.sweep --config demo --sweep seeds --root runs/demo_seeds
 """
