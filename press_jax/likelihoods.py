@@ -270,8 +270,11 @@ def pairwise_loss(
     target = targets[None, :, None, :, :]
     return negative_si_snr(estimate, target, mask[None, :, None, None, :]) / speakers
 
-  # (exits, batch, est, target, samples) errors; padding samples are zeroed by the mask.
-  error = (targets[None, :, None, :, :] - mean[:, :, :, None, :]) * mask[None, :, None, None, :]
+  # (exits, batch, est, target, samples) errors; padding samples are zeroed by the mask, applied
+  # to estimates and targets before their pairwise difference (the same values for a 0/1 mask,
+  # without a mask broadcast to the five-dimensional pairwise shape, which XLA:CPU wrote out).
+  error = ((targets * mask[:, None, :])[None, :, None, :, :]
+           - (mean * mask[None, :, None, :])[:, :, :, None, :])
   error_energy = block_sums(error * error, None, config.block_length)
   block_count = block_sums(mask, None, config.block_length)[None, :, None, None, :]
   log_var = outputs.log_var[:, :, :, None, :]

@@ -488,7 +488,11 @@ def mixture_consistent(
     mixture: Float[Array, "batch samples"],
 ) -> Float[Array, "exits batch speakers samples"]:
   """Estimates shifted by an equal share of the residual, so they sum to the mixture."""
-  residual = mixture[None, :, :] - jnp.sum(mean, axis=2)
+  # The streams added one by one, not jnp.sum over the speaker axis: the same values (for two
+  # streams the same single addition), and XLA:CPU fuses a reduction over this short middle
+  # axis into a slow YNNPACK reduce (README, "Speed").
+  residual = mixture[None, :, :] - functools.reduce(
+      jnp.add, [mean[:, :, s] for s in range(mean.shape[2])])
   return mean + residual[:, :, None, :] / mean.shape[2]
 
 
