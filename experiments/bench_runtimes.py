@@ -21,8 +21,10 @@ Per config (a config name or file of experiments/configs, as every entry point t
   loss on the same batch (test: within 1e-4 relative).
 - inference per exit k: batch 1, `--audio-seconds` of audio (10 s), the median of `--repeats`
   calls after a warm-up, as a real-time factor RTF = compute seconds / audio seconds (below 1:
-  faster than real time). JAX: `press_jax.export.forward.graph_function(model, params, k)`
-  jitted (what the exports trace: only the stages up to exit k; the sequential recurrence);
+  faster than real time). JAX (`jax_rtf`, what a JAX user runs): `forward_through_exit`
+  jitted, the stages up to exit k with the model's own recurrence kernel (`auto`: sequential
+  on CPU); beside it `jax_export_kernel_rtf`, `forward.graph_function(model, params, k)`
+  jitted: the function the exports trace (the doubling recurrence);
   onnxruntime: the ONNX graph of exit k (`press_jax.export.onnx_graphs.export_exit`), a session
   with onnxruntime's default threads; PyTorch: the port's `forward(max_exit=k)` under
   `torch.no_grad()` (it runs the heads of the exits before k too).
@@ -30,7 +32,8 @@ Per config (a config name or file of experiments/configs, as every entry point t
 Prints a table per config, or with --json one JSON object per config and line: `config`,
 `jax_train_examples_per_s`, `torch_train_examples_per_s` (the better of eager and compiled),
 `train_ratio` (JAX / best PyTorch), `inference` (a list per exit: `exit`, `jax_rtf`,
-`onnxruntime_rtf`, `torch_rtf`), and the details (each PyTorch mode, losses, the shapes,
+`jax_export_kernel_rtf`, `onnxruntime_rtf`, `torch_rtf`, `onnxruntime_vs_jax` = onnxruntime's
+time / JAX's), and the details (each PyTorch mode, losses, the shapes,
 thread counts, versions, the same run's 2048^2 float32 matmul GFLOP/s). A missing optional
 extra (torch, onnx) gives null figures and the reason under `unavailable`.
 """
@@ -148,8 +151,16 @@ def inference_inputs(sample_rate: int, seconds: float, seed: int) -> tuple[np.nd
   return batch["mixture"], batch["mask"]
 
 
-def jax_inference(model, params, exit_number: int, mixture, mask, repeats: int) -> float:
-  function = jax.jit(forward.graph_function(model, params, exit_number))
+def jax_inference(model, params, exit_number: int, mixture, mask, repeats: int,
+                  export_kernel: bool = False) -> float:
+  """Seconds per call through exit k: the model as configured, or (`export_kernel`) the
+  function the exports trace, with their recurrence kernel."""
+  if export_kernel:
+    function = jax.jit(forward.graph_function(model, params, exit_number))
+  else:
+    arrays = jax.tree_util.tree_map(jax.numpy.asarray, params)
+    function = jax.jit(lambda mixture, mask: forward.forward_through_exit(
+        model, arrays, mixture, mask, exit_number=exit_number))
   return median_call(lambda: jax.block_until_ready(function(mixture, mask)), repeats)
 
 
@@ -238,14 +249,19 @@ def bench_config(name: str, *, crop_seconds: float | None, audio_seconds: float,
       row = {"exit": exit_number,
              "jax_rtf": jax_inference(setup.model, params, exit_number, mixture, mask,
                                       repeats) / audio_seconds,
-             "onnxruntime_rtf": None, "torch_rtf": None}
+             "jax_export_kernel_rtf": jax_inference(setup.model, params, exit_number, mixture,
+                                                    mask, repeats, export_kernel=True)
+                                      / audio_seconds,
+             "onnxruntime_rtf": None, "torch_rtf": None, "onnxruntime_vs_jax": None}
       if "onnxruntime" not in missing:
         row["onnxruntime_rtf"] = onnx_inference(setup.model, params, exit_number, mixture, mask,
                                                 repeats, directory) / audio_seconds
+        row["onnxruntime_vs_jax"] = row["onnxruntime_rtf"] / row["jax_rtf"]
       if ported is not None:
         row["torch_rtf"] = torch_inference(ported, exit_number, mixture, mask,
                                            repeats) / audio_seconds
-      log(f"exit {exit_number}: RTF JAX {row['jax_rtf']:.4f}, onnxruntime "
+      log(f"exit {exit_number}: RTF JAX {row['jax_rtf']:.4f} (export kernel "
+          f"{row['jax_export_kernel_rtf']:.4f}), onnxruntime "
           f"{_number(row['onnxruntime_rtf'], '.4f')}, PyTorch {_number(row['torch_rtf'], '.4f')}")
       inference.append(row)
   result["inference"] = inference
@@ -274,10 +290,12 @@ def format_result(result: dict[str, Any]) -> str:
     lines.append(f"  {label:22s} {values['step_s'] * 1e3:9.1f} {values['examples_per_s']:11.2f} "
                  f"{values['first_loss']:11.4f}{extra}")
   lines.append(f"  train ratio (JAX / best PyTorch): {_number(result['train_ratio'], '.2f')}")
-  lines.append(f"  {'exit':>4s} {'JAX RTF':>9s} {'onnxruntime':>12s} {'PyTorch':>9s}")
+  lines.append(f"  {'exit':>4s} {'JAX RTF':>9s} {'JAX export':>11s} {'onnxruntime':>12s} "
+               f"{'ORT / JAX':>10s} {'PyTorch':>9s}")
   for row in result["inference"]:
-    lines.append(f"  {row['exit']:4d} {row['jax_rtf']:9.4f} "
+    lines.append(f"  {row['exit']:4d} {row['jax_rtf']:9.4f} {row['jax_export_kernel_rtf']:11.4f} "
                  f"{_number(row['onnxruntime_rtf'], '12.4f'):>12s} "
+                 f"{_number(row['onnxruntime_vs_jax'], '10.2f'):>10s} "
                  f"{_number(row['torch_rtf'], '9.4f'):>9s}")
   for extra, reason in result["unavailable"].items():
     lines.append(f"  {extra}: not measured ({reason})")

@@ -66,7 +66,7 @@ class PressConfig:
   # touches the JAX backend.
   dtype: str = "float32"
   # Kernel of the linear recurrence (press_jax/models/recurrence.py): 'associative', 'chunked',
-  # 'sequential', or 'auto' (the one measured fastest on the platform the model runs on).
+  # 'sequential', 'doubling', or 'auto' (the one measured fastest on the platform the model runs on).
   # Same values either way; only speed differs.
   recurrence: str = "auto"
   recurrence_chunk: int = 16  # C, frames per chunk of the 'chunked' kernel.
@@ -155,8 +155,8 @@ class PressConfig:
       need(self.width % self.attention_heads == 0,
            f"width ({self.width}) must be divisible by attention_heads ({self.attention_heads})")
     need(self.alpha_floor > 0, f"alpha_floor must be positive, got {self.alpha_floor}")
-    need(self.recurrence in ("auto", "associative", "chunked", "sequential"),
-         f"recurrence must be 'auto', 'associative', 'chunked' or 'sequential', got "
+    need(self.recurrence in ("auto", "associative", "chunked", "sequential", "doubling"),
+         f"recurrence must be 'auto', 'associative', 'chunked', 'sequential' or 'doubling', got "
          f"{self.recurrence!r}")
     need(self.recurrence_chunk >= 1,
          f"recurrence_chunk must be >= 1, got {self.recurrence_chunk}")

@@ -33,8 +33,10 @@ def check(result, modes):
       result["batch"] / result["jax_train"]["step_s"])
   assert [row["exit"] for row in result["inference"]] == [1, 2]  # tiny: 2 exits
   for row in result["inference"]:
-    assert row["jax_rtf"] > 0
+    assert row["jax_rtf"] > 0 and row["jax_export_kernel_rtf"] > 0
     assert (row["onnxruntime_rtf"] is None) == ("onnxruntime" in missing)
+    if row["onnxruntime_rtf"] is not None:
+      assert row["onnxruntime_vs_jax"] == pytest.approx(row["onnxruntime_rtf"] / row["jax_rtf"])
     assert (row["torch_rtf"] is None) == ("torch" in missing)
     for key in ("onnxruntime_rtf", "torch_rtf"):
       assert row[key] is None or row[key] > 0

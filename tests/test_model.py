@@ -194,7 +194,7 @@ def test_block_pooling_matches_the_segment_sum_it_replaced():
                              rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("implementation", ["associative", "chunked", "sequential"])
+@pytest.mark.parametrize("implementation", layers.RECURRENCE_IMPLEMENTATIONS)
 def test_outputs_equal_the_associative_reference_for_every_kernel(implementation):
   """Swapping the recurrence kernel leaves the model's outputs as the associative scan's."""
   model, params = tiny_model_and_params()

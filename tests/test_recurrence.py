@@ -143,3 +143,34 @@ def test_auto_resolves_per_platform_and_bad_names_are_refused():
   assert recurrence.resolve_implementation("auto", "tpu") in IMPLEMENTATIONS
   with pytest.raises(ValueError, match="recurrence implementation"):
     recurrence.linear_recurrence(jnp.ones((3, 2)), jnp.ones((3, 2)), implementation="fast")
+
+
+@pytest.mark.parametrize("static_rounds", [2, recurrence.DOUBLING_STATIC_ROUNDS])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_doubling_at_a_symbolic_length_is_exact_at_every_length(reverse, static_rounds,
+                                                                 monkeypatch):
+  """One jax.export graph of the doubling kernel (chunks of 2^rounds frames, a while loop of
+  doubling rounds across chunks) against the numpy loop at lengths around powers of two and
+  chunk boundaries, forward and gradient. Chunks of 4 frames make every length but the first
+  few span several chunks (one, two and nine loop rounds' worth)."""
+  monkeypatch.setattr(recurrence, "DOUBLING_STATIC_ROUNDS", static_rounds)
+  length = jax.export.symbolic_shape("time")[0]
+  spec = jax.ShapeDtypeStruct((2, length, 3), jnp.float32)
+
+  def states_and_gradients(decay, drive, cotangent):
+    def objective(a, b):
+      return jnp.sum(recurrence.linear_recurrence(a, b, reverse=reverse,
+                                                  implementation="doubling") * cotangent)
+    states = recurrence.linear_recurrence(decay, drive, reverse=reverse, implementation="doubling")
+    return (states, *jax.grad(objective, (0, 1))(decay, drive))
+
+  exported = jax.export.export(jax.jit(states_and_gradients))(spec, spec, spec)
+  assert "while" in exported.mlir_module()
+  for time in (1, 2, 3, 4, 5, 8, 9, 33, 1030):
+    (decay, drive, cotangent), (decay64, drive64, cotangent64) = _inputs((2, time, 3), "float32",
+                                                                        seed=time)
+    states, grad_decay, grad_drive = exported.call(decay, drive, cotangent)
+    expected_decay, expected_drive = numpy_loop_gradient(decay64, drive64, cotangent64, reverse)
+    assert _relative_error(states, numpy_loop(decay64, drive64, reverse)) < 1e-5, time
+    assert _relative_error(grad_decay, expected_decay) < 1e-5, time
+    assert _relative_error(grad_drive, expected_drive) < 1e-5, time

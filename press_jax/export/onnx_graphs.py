@@ -33,8 +33,13 @@ What the conversion needs, with jax2onnx 0.17 (docs/export.md, "ONNX graphs"):
   ceil divisions with non-negative numerators (`press_net.ceil_div`);
 - pad widths must be constants, and the scatter of `segment_sum` is not converted: the model
   frames with constant pads and counts frames per block with one-hot contractions;
-- `lax.scan(reverse=True)` is not converted: the graphs run the sequential recurrence
-  (`forward.EXPORT_RECURRENCE`), a forward `fori_loop` (ONNX `Loop`) over both directions.
+- `lax.scan(reverse=True)` is not converted, and neither is `associative_scan` (interior
+  padding): the graphs run the doubling recurrence (`forward.EXPORT_RECURRENCE`), shifts by
+  static pads within chunks of 64 frames and an ONNX `Loop` of log2(T / 64) rounds over the
+  chunk states (the sequential kernel's per-frame `Loop` made onnxruntime 17-76x slower than
+  JAX);
+- it cannot broadcast to a symbolic shape computed inside a loop ("no origin recorded for
+  symbolic dim"): the doubling loop builds its fill frames arithmetically.
 
 jax2onnx, onnx and onnxruntime are the optional extra `onnx` (setup.cfg); `missing_extra()`
 says what is missing, and nothing here imports them before a conversion or a run.

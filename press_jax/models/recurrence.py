@@ -1,4 +1,4 @@
-"""The linear recurrence h_t = a_t * h_{t-1} + b_t, one name, three kernels (docs/model.md).
+"""The linear recurrence h_t = a_t * h_{t-1} + b_t, one name, four kernels (docs/model.md).
 
 `linear_recurrence(decay, drive, implementation=...)` and `bidirectional_recurrence` compute the
 same values with one of:
@@ -9,6 +9,15 @@ same values with one of:
   the chunk states across chunks and a per-frame fix-up;
 - ``"sequential"``: a `jax.lax.fori_loop` over time (T steps of O(channels) work, updating the
   output in place, unrolled by `unroll`); bidirectional calls run both directions in one loop;
+- ``"doubling"``: recursive doubling (Hillis-Steele) in two levels: n rounds within chunks of
+  2^n frames (`DOUBLING_STATIC_ROUNDS`), round k combining every frame with the partial result
+  2^k frames earlier (O(T n) work, static shifts only: no interior padding, no scatter); then
+  rounds over the chunk states only (at a symbolic length, jax.export, a `lax.while_loop`
+  until the shift reaches the chunk count) and one multiply-add to carry each chunk's incoming
+  state; one graph is exact at any length, and computes what the jitted model does. It is the
+  kernel of the exported graphs (press_jax/export/forward.py): onnxruntime runs a `Loop` of
+  log2(T / 2^n) iterations on arrays 2^n times smaller than the frames, instead of the
+  sequential kernel's T iterations;
 - ``"auto"``: the one measured fastest on the platform (`AUTO_BY_PLATFORM`).
 
 Each has the same written-out gradient (`jax.custom_vjp`): the adjoint of a linear recurrence
@@ -34,7 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float
 
-RECURRENCE_IMPLEMENTATIONS = ("associative", "chunked", "sequential")
+RECURRENCE_IMPLEMENTATIONS = ("associative", "chunked", "sequential", "doubling")
 # Measured with `python -m experiments.bench_step --recurrence` (README, "Speed"). On CPU the
 # sequential scan wins at every shape measured (demo and S). Accelerators were not measured by
 # this project yet: the chunked form is the one built for them (large parallel operations).
@@ -42,6 +51,10 @@ AUTO_BY_PLATFORM = {"cpu": "sequential", "gpu": "chunked", "cuda": "chunked",
                     "rocm": "chunked", "tpu": "chunked"}
 DEFAULT_CHUNK = 16
 DEFAULT_UNROLL = 2  # Frames per loop iteration of the sequential kernel (1, 2, 4, 8 measured alike on CPU).
+# The doubling kernel at a symbolic length works in chunks of 2^n frames: n static rounds
+# within chunks, a loop across them. n = 6 measured best of 4 to 8 in onnxruntime on the demo's
+# exported graphs (1, 4 and 10 s; docs/export.md, "Speed").
+DOUBLING_STATIC_ROUNDS = 6
 _LOG_DECAY_FLOOR = -69.0  # log(1e-30): a zero decay (a reset) leaks at most 1e-30 of the state.
 
 
@@ -194,6 +207,73 @@ def _chunked(decay, drive, reverse, chunk=DEFAULT_CHUNK):
   return state.reshape(*lead, count * chunk, channels)[..., :time, :]
 
 
+def _shift_by(x, shift, fill):
+  """x_{t-shift} at t along axis -2, `fill` where t < shift; the same length (any, symbolic).
+
+  A static shift is one pad with a negative high width (kept length, constant widths, which
+  ONNX `Pad` takes); a traced one (the doubling loop over chunk states at a symbolic length) is
+  a dynamic slice of `fill` frames followed by x.
+  """
+  axis = x.ndim - 2
+  if isinstance(shift, (int, np.integer)):
+    widths = [(0, 0, 0)] * axis + [(int(shift), -int(shift), 0), (0, 0, 0)]
+    return jax.lax.pad(x, jnp.asarray(fill, x.dtype), widths)
+  time = x.shape[axis]
+  # `x * 0 + fill`, not `full_like`: jax2onnx cannot broadcast to a symbolic shape made inside
+  # a loop ("no origin recorded for symbolic dim"); x is finite here (decays and states).
+  padded = jnp.concatenate([x * 0.0 + fill, x], axis=axis)
+  return jax.lax.dynamic_slice_in_dim(padded, time - shift, time, axis=axis)
+
+
+def _doubling_round(decay, drive, shift):
+  """One round: (a, b) of the span ending at t combined with the span ending at t - shift."""
+  drive = decay * _shift_by(drive, shift, 0.0) + drive
+  decay = decay * _shift_by(decay, shift, 1.0)
+  return decay, drive
+
+
+def _doubling(decay, drive, reverse):
+  if reverse:
+    flip = functools.partial(jnp.flip, axis=-2)
+    return flip(_doubling(flip(decay), flip(drive), False))
+  # Two levels, at a static or a symbolic length alike (so an exported graph computes what the
+  # jitted model does, operation for operation): the frames padded to chunks of 2^n (n static
+  # rounds, static shifts: cheap pads) and scanned within each chunk; across chunks, rounds over
+  # the chunk states only (a `while_loop` until the shift reaches the chunk count when that
+  # count is symbolic), then one multiply-add carries each chunk's incoming state through it.
+  time = decay.shape[-2]
+  chunk = 1 << DOUBLING_STATIC_ROUNDS
+  *lead, _, channels = decay.shape
+  count = (time + chunk - 1) // chunk
+  # Padded by a whole chunk, then cut to count * chunk frames (a static pad and a slice: the
+  # converters take these with symbolic lengths; trailing frames of a forward recurrence never
+  # reach earlier ones).
+  widths = [(0, 0, 0)] * len(lead) + [(0, chunk, 0), (0, 0, 0)]
+  decay = jax.lax.pad(decay, jnp.asarray(1.0, decay.dtype), widths)[..., :count * chunk, :]
+  drive = jax.lax.pad(drive, jnp.asarray(0.0, drive.dtype), widths)[..., :count * chunk, :]
+  decay = decay.reshape(*lead, count, chunk, channels)
+  drive = drive.reshape(*lead, count, chunk, channels)
+  for round_index in range(DOUBLING_STATIC_ROUNDS):
+    decay, drive = _doubling_round(decay, drive, 1 << round_index)
+
+  chunk_decay, ends = decay[..., -1, :], drive[..., -1, :]  # (..., count, channels)
+  if isinstance(count, (int, np.integer)):
+    shift = 1
+    while shift < count:
+      chunk_decay, ends = _doubling_round(chunk_decay, ends, shift)
+      shift *= 2
+  else:
+    def body(carry):
+      chunk_decay, ends, shift = carry
+      return (*_doubling_round(chunk_decay, ends, shift), 2 * shift)
+
+    _, ends, _ = jax.lax.while_loop(lambda carry: carry[2] < count, body,
+                                    (chunk_decay, ends, jnp.int32(1)))
+  starts = _shift_by(ends, 1, 0.0)  # The state entering each chunk.
+  states = drive + decay * starts[..., None, :]
+  return states.reshape(*lead, count * chunk, channels)[..., :time, :]
+
+
 # --- the shared written-out gradient --------------------------------------------------------
 def _shift_earlier(x):
   """x_{t+1} at t (zero at the end), along axis -2."""
@@ -233,6 +313,8 @@ def _kernel(implementation: str, chunk: int, unroll: int):
     return _associative
   if implementation == "chunked":
     return functools.partial(_chunked, chunk=chunk)
+  if implementation == "doubling":
+    return _doubling
   return functools.partial(_sequential, unroll=unroll)
 
 
