@@ -198,8 +198,8 @@ def format_report(summary: dict) -> str:
     lines.append(f"NOTE: training was re-planned to fit its time limit "
                  f"({training['time_limit_s']:.0f} s): {training['steps']} of "
                  f"{training['planned_steps']} planned steps, the learning rate decayed to 0 at "
-                 "the last (train/schedule.json). This machine is slower than the config was "
-                 "sized for; the numbers above are those of a shorter, fully annealed run.")
+                 "the last (train/schedule.json). The run was bounded by time: the numbers "
+                 "above are those of the steps this machine fitted, fully annealed.")
   elif training and training["steps"] < training["planned_steps"]:
     lines.append(f"WARNING: training stopped at its time limit ({training['time_limit_s']:.0f} s) "
                  f"after {training['steps']} of {training.get('replanned_steps') or training['planned_steps']} "

@@ -10,10 +10,11 @@ and still annealed to 0, and the report says so), fine-tuning and test evaluatio
 ~13 min in all from a fresh clone (`.venv` from scratch included). Spending the whole 540 s
 instead of stopping at 5400 steps: +0.30 dB validation SI-SNRi at the last exit (README, probe
 rows 42-43).
-Results (README, "Latest run", 2026-12-05): test SI-SNRi 5.24 / 5.59 / 5.69 dB at exits
-1 / 2 / 3, 0.038 / 0.042 / 0.051 GMAC/s; PIT KS 0.11 / 0.10 / 0.074. A machine half as fast:
-re-planned once to ~2200 steps, test 3.97 / 4.22 / 4.35 dB (simulated with
---config.train.time_limit_s=270; README).
+Results (README, "Latest run", 2026-12-06, 6488 steps fitted): test SI-SNRi 5.09 / 5.63 /
+5.73 dB at exits 1 / 2 / 3, 0.038 / 0.042 / 0.051 GMAC/s; PIT KS 0.11 / 0.056 / 0.038. A
+machine half as fast (2026-12-05, the 5400-step budget, which was re-planned there too):
+~2200 steps, test 3.97 / 4.22 / 4.35 dB (simulated with --config.train.time_limit_s=270;
+README).
 Sweeps: python -m experiments.sweep --config demo --sweep seeds --root runs/demo_seeds
 """
 
