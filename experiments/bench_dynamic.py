@@ -4,6 +4,7 @@ Run (after `make demo`; ~3 minutes on 2 CPU cores):
   python -m experiments.bench_dynamic                      # the demo's model, runs/demo
   python -m experiments.bench_dynamic --model-dir DIR --json
   python -m experiments.bench_dynamic --speed-config S     # also: S at its last exit, memory
+  python -m experiments.bench_dynamic --conditions snr_ref # the rule on the variance alone
 
 Part 1 (the model of --model-dir): the first --utterances test utterances are separated the way
 `press-separate` does it (chunks with context, one while loop per chunk that stops at the first
@@ -12,6 +13,10 @@ target it prints the mean exit, the GMAC/s spent (context included), the measure
 second of audio, the real-time factor, the SI-SNRi (PIT, whole utterances) and
 saving_ratio = (wall saving) / (GMAC saving), both against always running the last exit. It also
 prints the quality cost of chunking: SI-SNRi at the last exit, chunked against whole-utterance.
+--conditions as press-separate's: with snr or snri (the default has all three) every stage's
+waveform head runs, since the rule reads each exit's estimate; with snr_ref alone only the
+variance heads run per stage and a waveform head only for an exit some block accepted, so the
+GMAC spent follows the mean exit (counted from what each window ran).
 Timing: every policy (the reference and each target) makes one untimed pass, then three rounds
 in which each makes one timed pass in turn; the fastest of each is kept (`run_policies`).
 
@@ -39,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_step, configs, main as main_job
-from press_jax import metrics, model_dir, separation
+from press_jax import exit_rule, metrics, model_dir, separation
 from press_jax.models import press_net
 
 
@@ -92,7 +97,9 @@ def policy_row(loaded, utterances, outputs, wall: float) -> dict:
   return {"mean_exit": float(np.mean(exits)), "gmac_per_s": gmac / audio_seconds,
           "wall_s_per_audio_s": wall / audio_seconds,
           "real_time_factor": wall / audio_seconds, "si_snri_db": float(np.mean(quality)),
-          "exits_run_mean": float(np.mean([r["exits_run_mean"] for _, r in outputs]))}
+          "exits_run_mean": float(np.mean([r["exits_run_mean"] for _, r in outputs])),
+          "waveform_heads_run_mean": float(np.mean([r["waveform_heads_run_mean"]
+                                                    for _, r in outputs]))}
 
 
 def run_policies(loaded, utterances, settings: dict[str, separation.SeparationSettings],
@@ -129,9 +136,11 @@ def whole_utterance_si_snri(loaded, utterances) -> float:
   return float(np.mean(values))
 
 
-def sweep(loaded, utterances, target_dbs, confidence, chunk_seconds, context_seconds) -> dict:
+def sweep(loaded, utterances, target_dbs, confidence, chunk_seconds, context_seconds,
+          conditions: tuple[str, ...] = exit_rule.CONDITIONS) -> dict:
   base = separation.SeparationSettings(chunk_seconds=chunk_seconds,
-                                       context_seconds=context_seconds, confidence=confidence)
+                                       context_seconds=context_seconds, confidence=confidence,
+                                       conditions=tuple(conditions))
   exits = loaded.model.config.exits
   reference = separation.SeparationSettings(**{**base.__dict__, "static_exit": exits})
   settings = {"last": reference}
@@ -152,7 +161,8 @@ def sweep(loaded, utterances, target_dbs, confidence, chunk_seconds, context_sec
   whole = whole_utterance_si_snri(loaded, utterances)
   return {"targets": rows, "last_exit": last, "whole_utterance_last_exit_si_snri_db": whole,
           "chunking_cost_db": whole - last["si_snri_db"], "utterances": len(utterances),
-          "confidence": confidence, "chunk_seconds": chunk_seconds,
+          "confidence": confidence, "conditions": list(conditions),
+          "chunk_seconds": chunk_seconds,
           "context_seconds": context_seconds}
 
 
@@ -216,7 +226,8 @@ def format_report(result: dict) -> str:
   if "targets" in result:
     last = result["last_exit"]
     lines += [f"{result['utterances']} test utterances, chunks of {result['chunk_seconds']} s "
-              f"with {result['context_seconds']} s context, confidence {result['confidence']}",
+              f"with {result['context_seconds']} s context, confidence {result['confidence']}, "
+              f"conditions {','.join(result['conditions'])}",
               f"{'target dB':>9} {'mean exit':>9} {'GMAC/s':>8} {'wall s/s':>9} {'RTF':>7} "
               f"{'SI-SNRi':>8} {'GMAC save':>9} {'wall save':>9} {'ratio':>6}",
               f"{'last':>9} {last['mean_exit']:>9.2f} {last['gmac_per_s']:>8.4f} "
@@ -249,6 +260,9 @@ def main(argv=None) -> int:
   parser.add_argument("--targets", default="0,5,10,15,20",
                       help="comma-separated target levels, dB")
   parser.add_argument("--confidence", type=float, default=0.9)
+  parser.add_argument("--conditions", default="snr,snri,snr_ref",
+                      help="comma-separated exit conditions, as press-separate's; without snr and "
+                           "snri the loop runs a waveform head only where a block accepts it")
   parser.add_argument("--chunk-seconds", type=float, default=4.0)
   parser.add_argument("--context-seconds", type=float, default=0.5)
   parser.add_argument("--speed-config", help="also time this preset (e.g. S) at its last exit")
@@ -264,6 +278,10 @@ def main(argv=None) -> int:
     memory = tuple(float(t) for t in args.memory_seconds.split(",") if t.strip())
   except ValueError:
     parser.error("--targets and --memory-seconds take comma-separated numbers")
+  conditions = tuple(c.strip() for c in args.conditions.split(",") if c.strip())
+  if not conditions or any(c not in exit_rule.CONDITIONS for c in conditions):
+    parser.error(f"--conditions: expected a non-empty subset of "
+                 f"{','.join(exit_rule.CONDITIONS)}, got {args.conditions!r}")
   if args.utterances < 1:
     parser.error("--utterances must be >= 1")
   result = {}
@@ -274,7 +292,7 @@ def main(argv=None) -> int:
       parser.error(f"--model-dir {error} (run `make demo` first, or pass --model-dir)")
     utterances = test_utterances(args.utterances)
     result.update(sweep(loaded, utterances, targets, args.confidence, args.chunk_seconds,
-                        args.context_seconds))
+                        args.context_seconds, conditions))
     result["model_dir"] = loaded.directory
   if args.speed_config:
     result["speed"] = speed(args.speed_config, args.speed_seconds, args.chunk_seconds,

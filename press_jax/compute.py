@@ -87,8 +87,17 @@ def head_macs(config: PressConfig) -> float:
 
 def gmac_per_second(config: PressConfig, exit_number: int, all_heads: bool = False) -> float:
   """GMAC per second of audio to produce exit `exit_number` (1-based)."""
-  per_stream = sum(stage_macs(config, s) for s in range(exit_number))
-  per_stream += head_macs(config) * (exit_number if all_heads else 1)
+  heads = exit_number if all_heads else 1
+  return gmac_per_second_run(config, exit_number, waveform_heads=heads, variance_heads=heads)
+
+
+def gmac_per_second_run(config: PressConfig, stages: int, waveform_heads: int,
+                        variance_heads: int) -> float:
+  """GMAC per second of audio of a run that computed decoder stages 1..`stages` and that many
+  waveform and variance heads (what `dynamic.DynamicSelection` counts)."""
+  per_stream = sum(stage_macs(config, s) for s in range(stages))
+  per_stream += (waveform_head_macs(config) * waveform_heads
+                 + variance_head_macs(config) * variance_heads)
   per_frame = shared_macs(config) + config.speakers * per_stream
   return per_frame * config.frames_per_second / 1e9
 

@@ -10,6 +10,13 @@ is the masked path's, evaluated by the same functions (`exit_rule.exit_probabili
 (or `max_exit`) always accepted; a block keeps the first exit it accepts, and blocks are spliced
 with the same crossfade. Choices and waveform equal the masked path's (tests/test_dynamic.py).
 
+Which heads run: with the SNR or SNRi condition (the default has all three) the rule reads every
+exit's estimate, so each stage runs its waveform head and adds its share of the splice. With
+SNRref alone the rule reads only the predicted variance: the stages run their variance heads,
+and a stage's waveform head runs (a while loop of one trip or none) only when some block accepts
+that exit, since only those blocks take its estimate. Both give the masked path's waveform
+(tests/test_dynamic.py).
+
 Where a scan step holds several stages (`PressConfig.stages_per_group > 1`, e.g. one RNN block
 per exit and attention every third block), the stages inside one step differ in layout, so they
 cannot be iterations of one loop body; each stage after the first in a step runs inside a while
@@ -54,6 +61,10 @@ class DynamicSelection:
   probability: Float[Array, "batch blocks"]  # min over speakers of p_exit at the chosen exit
   block_valid: Bool[Array, "batch blocks"]
   exits_run: Int[Array, ""]  # Decoder stages (exits) the loop computed for this batch.
+  # Exit heads computed. Waveform heads: every stage's where the rule reads the estimates; only
+  # those of exits some block accepted where it does not; the static policy: its exit's alone.
+  waveform_heads_run: Int[Array, ""]
+  variance_heads_run: Int[Array, ""]
 
 
 def _index_stacked(tree, index):
@@ -84,7 +95,28 @@ def _dynamic_core(params, mixture, mask, target_db, confidence, reference_power,
   last = max_exit - 1
   spg = config.stages_per_group
 
-  def evaluate_exit(e, stacked, state):
+  # Without the SNR / SNRi conditions the rule reads only the predicted variance: the stages
+  # run their variance heads, and an exit's waveform head runs only when a block accepts it.
+  lazy_heads = not exit_rule.needs_estimate(conditions)
+
+  def add_estimate(e, mean, state):
+    """Exit e's share of every sample (the masked rule's splice weights, in which blocks not
+    decided yet (-1) take no weight; blocks decided later never choose exit e) x its estimate."""
+    weights = exit_rule.splice_weights(state["exit_index"], block_valid, config.exits, samples,
+                                       block_length, crossfade)
+    share = jax.lax.dynamic_index_in_dim(weights, e, 1, keepdims=False)  # (batch, samples)
+    return {**state, "waveform": state["waveform"] + share[:, None, :] * mean[0],
+            "waveform_heads_run": state["waveform_heads_run"] + 1}
+
+  def run_waveform_head(e, group_params, position, state):
+    """Exit e's waveform head on the current streams, finished as the exits are."""
+    head = press_net.make_waveform_head(config)
+    variables = {"params": group_params[f"stage{position}_waveform_head"]}
+    mean = head.apply(variables, *press_net.waveform_head_inputs(
+        head, state["streams"], context[3], samples))[None]
+    return add_estimate(e, press_net.finish_estimates(config, prepared, mean), state)
+
+  def evaluate_exit(e, stacked, state, group_params, position):
     """Exit e's outputs -> this stage's accepted blocks, splice contribution, carries."""
     mean, log_var, log_alpha = stacked  # each with a leading axis of 1 (this exit)
     if config.cumulative_exits:
@@ -108,25 +140,25 @@ def _dynamic_core(params, mixture, mask, target_db, confidence, reference_power,
     if policy == "dynamic":
       accepted = accepted | (worst >= confidence)
     newly = accepted & (state["exit_index"] < 0)
-    exit_index = jnp.where(newly, e, state["exit_index"])
-    probability = jnp.where(newly, worst, state["probability"])
-    # This exit's share of every sample: the splice weights of the masked rule, in which the
-    # blocks not decided yet (-1) take no weight; blocks decided later never choose exit e.
-    weights = exit_rule.splice_weights(exit_index, block_valid, config.exits, samples,
-                                       block_length, crossfade)
-    share = jax.lax.dynamic_index_in_dim(weights, e, 1, keepdims=False)  # (batch, samples)
-    waveform = state["waveform"] + share[:, None, :] * outputs.mean[0]
-    return {**state, "exit_index": exit_index, "probability": probability,
-            "waveform": waveform, "exits_run": state["exits_run"] + 1}
+    state = {**state, "exit_index": jnp.where(newly, e, state["exit_index"]),
+             "probability": jnp.where(newly, worst, state["probability"]),
+             "exits_run": state["exits_run"] + 1,
+             "variance_heads_run": state["variance_heads_run"] + 1}
+    if not lazy_heads:
+      return add_estimate(e, outputs.mean, state)
+    return _run_once_if(jnp.any(newly & block_valid),
+                        functools.partial(run_waveform_head, e, group_params, position), state)
 
   def undecided(state):
     return jnp.any((state["exit_index"] < 0) & block_valid)
 
   def run_stage(position, group, state):
     group_params = _index_stacked(params["stages"], group)
-    module = press_net.StageGroup(config, samples, blocks, positions=(position,))
+    module = press_net.StageGroup(config, samples, blocks, positions=(position,),
+                                  heads="variance" if lazy_heads else "all")
     streams, stacked = module.apply({"params": group_params}, state["streams"], context)
-    return evaluate_exit(group * spg + position, stacked, {**state, "streams": streams})
+    return evaluate_exit(group * spg + position, stacked, {**state, "streams": streams},
+                         group_params, position)
 
   groups_needed = math.ceil(max_exit / spg)
 
@@ -144,7 +176,10 @@ def _dynamic_core(params, mixture, mask, target_db, confidence, reference_power,
     module = press_net.StageGroup(config, samples, blocks, positions=(position,), heads=heads)
     streams, stacked = module.apply({"params": group_params}, state["streams"], context)
     state = {**state, "streams": streams, "exits_run": state["exits_run"] + 1}
-    return accumulate_variance(stacked, state) if config.cumulative_exits else state
+    if not config.cumulative_exits:
+      return state
+    state = {**state, "variance_heads_run": state["variance_heads_run"] + 1}
+    return accumulate_variance(stacked, state)
 
   def static_body(state):
     for position in range(spg):
@@ -170,6 +205,8 @@ def _dynamic_core(params, mixture, mask, target_db, confidence, reference_power,
       "probability": jnp.zeros((batch, blocks), jnp.float32),
       "waveform": jnp.zeros((batch, speakers, samples), jnp.float32),
       "exits_run": jnp.asarray(0, jnp.int32),
+      "waveform_heads_run": jnp.asarray(0, jnp.int32),
+      "variance_heads_run": jnp.asarray(0, jnp.int32),
   }
   if config.cumulative_exits:
     state["sum_alpha"] = jnp.zeros((batch, speakers, blocks), jnp.float32)
@@ -188,7 +225,8 @@ def _dynamic_core(params, mixture, mask, target_db, confidence, reference_power,
   return DynamicSelection(
       waveform=state["waveform"] * prepared.mask[:, None, :], exit_index=exit_index,
       probability=state["probability"], block_valid=block_valid,
-      exits_run=state["exits_run"])
+      exits_run=state["exits_run"], waveform_heads_run=state["waveform_heads_run"],
+      variance_heads_run=state["variance_heads_run"])
 
 
 def _float32(value):
@@ -301,9 +339,10 @@ def masked_select(
   exit_index = selection.exit_index + (max_exit - 1 if policy == "static" else 0)
   chosen = jnp.take_along_axis(jnp.min(selection.probabilities, axis=2),
                                selection.exit_index[None], axis=0)[0]
+  ran = jnp.asarray(max_exit, jnp.int32)
   return DynamicSelection(waveform=selection.waveform, exit_index=exit_index,
                           probability=chosen, block_valid=selection.block_valid,
-                          exits_run=jnp.asarray(max_exit, jnp.int32))
+                          exits_run=ran, waveform_heads_run=ran, variance_heads_run=ran)
 
 
 @functools.partial(jax.jit, static_argnames=("config",))

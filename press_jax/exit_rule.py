@@ -16,6 +16,9 @@ from press_jax.likelihoods import block_sums, num_blocks
 from press_jax.types import ExitOutputs
 
 CONDITIONS = ("snr", "snri", "snr_ref")
+# The conditions that read the exit's estimate x_hat; SNRref needs only the predicted variance,
+# so a rule without these can decide an exit before (or without) running its waveform head.
+ESTIMATE_CONDITIONS = ("snr", "snri")
 # Added to both energies of the true block SNR so that silent blocks give 0 dB instead of NaN.
 SNR_EPS = 1e-8
 
@@ -86,11 +89,13 @@ def snr_exit_probabilities(
   for SNR / SNRi up to the cross term between estimate and error that the SNR definitions drop.
   Each condition is an event ||e||^2 <= E: E = ||x_hat||^2 / (t_lin - 1) for SNR,
   ||x_hat - x_mix||^2 / (t_lin - 1) for SNRi, T P_ref / t_lin for SNRref.
+  With `outputs.mean` None (no waveform head run) only 'snr_ref' is returned.
   """
   if method not in PROBABILITY_METHODS:
     raise ValueError(f"method must be one of {PROBABILITY_METHODS}, got {method!r}")
-  dtype = jnp.promote_types(outputs.mean.dtype, jnp.float32)  # energies in >= float32
-  mean = outputs.mean.astype(dtype)
+  estimate = outputs.mean is not None
+  dtype = jnp.promote_types(outputs.mean.dtype if estimate else outputs.log_alpha.dtype,
+                            jnp.float32)  # energies in >= float32
   mixture = jnp.asarray(mixture, dtype)
   mask = jnp.ones(mixture.shape, dtype) if mask is None else jnp.asarray(mask).astype(dtype)
   alpha = outputs.alpha.astype(dtype)
@@ -107,7 +112,18 @@ def snr_exit_probabilities(
     # Q(alpha, T beta / E): the event T sigma^2 <= E.
     return _tail(alpha, log_count + log_beta - log_energy_limit, valid)
 
+  # SNRref: P_ref / (||e||^2 / T) >= t_lin.
+  if reference_power is None:
+    reference = mixture_reference_power(mixture, mask)
+  else:
+    reference = jnp.broadcast_to(jnp.asarray(reference_power, dtype), mixture.shape[:1])
+  log_reference, reference_positive = _positive_log(reference[None, :, None, None])
+  snr_ref = tail(log_count + log_reference - jnp.log(t_lin), has_samples & reference_positive)
+  if not estimate:
+    return {"snr_ref": snr_ref}
+
   # SNR: ||x_hat||^2 / ||e||^2 >= t_lin - 1; always true when t_lin <= 1.
+  mean = outputs.mean.astype(dtype)
   estimate_energy = block_sums(mean * mean, mask[None, :, None, :], block_length)
   log_estimate_energy, estimate_positive = _positive_log(estimate_energy)
   snr = tail(log_estimate_energy - log_excess, has_samples & estimate_positive)
@@ -119,14 +135,6 @@ def snr_exit_probabilities(
   log_residual_energy, residual_positive = _positive_log(residual_energy)
   snri = tail(log_residual_energy - log_excess, has_samples & residual_positive)
   snri = jnp.where(excess_positive, snri, jnp.where(has_samples, 1.0, 0.0))
-
-  # SNRref: P_ref / (||e||^2 / T) >= t_lin.
-  if reference_power is None:
-    reference = mixture_reference_power(mixture, mask)
-  else:
-    reference = jnp.broadcast_to(jnp.asarray(reference_power, dtype), mixture.shape[:1])
-  log_reference, reference_positive = _positive_log(reference[None, :, None, None])
-  snr_ref = tail(log_count + log_reference - jnp.log(t_lin), has_samples & reference_positive)
   return {"snr": snr, "snri": snri, "snr_ref": snr_ref}
 
 
@@ -136,6 +144,11 @@ def _check_conditions(conditions: tuple[str, ...]) -> tuple[str, ...]:
   if not conditions or any(c not in CONDITIONS for c in conditions):
     raise ValueError(f"conditions must be a non-empty subset of {CONDITIONS}, got {conditions}.")
   return conditions
+
+
+def needs_estimate(conditions: tuple[str, ...]) -> bool:
+  """Whether any of `conditions` reads the exit's estimate (SNR, SNRi), not only its variance."""
+  return any(condition in ESTIMATE_CONDITIONS for condition in conditions)
 
 
 def exit_probabilities(
@@ -152,8 +165,11 @@ def exit_probabilities(
   """p_exit(e, j, b): the max over the chosen conditions' probabilities (any condition suffices).
 
   `method`: 'approximate' (the paper's large-T tails) or 'exact' (snr_exit_probabilities).
+  `outputs.mean` may be None where no condition needs the estimate (`needs_estimate`).
   """
   conditions = _check_conditions(conditions)
+  if outputs.mean is None and needs_estimate(conditions):
+    raise ValueError(f"conditions {conditions} need the exits' estimates, but outputs.mean is None")
   tails = snr_exit_probabilities(
       outputs, mixture, mask, block_length=block_length, target_db=target_db,
       reference_power=reference_power, method=method)

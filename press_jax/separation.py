@@ -101,6 +101,7 @@ class WindowRecord:
   start_s: float
   blocks: list[dict[str, float]]  # {start_s, exit (1-based), probability} for the chunk's blocks
   exits_run: int
+  waveform_heads_run: int  # Waveform heads run (DynamicSelection.waveform_heads_run).
   gmac: float
 
 
@@ -136,12 +137,12 @@ class ChunkedSeparator:
     self._tail: np.ndarray | None = None  # Previous window's aligned output from _tail_start.
     self._tail_start = 0
     exits_run = self.settings.static_exit or self.settings.max_exit or config.exits
-    # The dynamic loop and the masked path run every computed exit's heads; a static exit on
-    # the dynamic path runs only its own (dynamic.dynamic_select).
+    # The most a window can cost: the masked path and the dynamic loop run every computed
+    # exit's heads at worst; a static exit on the dynamic path runs only its own
+    # (dynamic.dynamic_select). What a window did cost is counted from what it ran (_record).
     static_only = self.settings.static_exit is not None and not self.settings.masked
-    self._gmac_per_exit = [compute.gmac_per_second(config, e, all_heads=not static_only)
-                           for e in range(1, config.exits + 1)]
-    self.last_exit_gmac_per_s = self._gmac_per_exit[exits_run - 1]
+    self.last_exit_gmac_per_s = compute.gmac_per_second(config, exits_run,
+                                                        all_heads=not static_only)
 
   # --- the exit rule on one window ---------------------------------------------------------
   def _select(self, window: np.ndarray, valid: int):
@@ -218,9 +219,13 @@ class ChunkedSeparator:
                        "exit": int(exit_index[block]) + 1,
                        "probability": float(probability[block])})
     exits_run = int(selection.exits_run)
-    gmac = self._gmac_per_exit[exits_run - 1] * geometry.window / config.sample_rate
+    waveform_heads = int(selection.waveform_heads_run)
+    gmac = compute.gmac_per_second_run(
+        config, exits_run, waveform_heads=waveform_heads,
+        variance_heads=int(selection.variance_heads_run)) * geometry.window / config.sample_rate
     self.records.append(WindowRecord(index=index, start_s=start / config.sample_rate,
-                                     blocks=blocks, exits_run=exits_run, gmac=gmac))
+                                     blocks=blocks, exits_run=exits_run,
+                                     waveform_heads_run=waveform_heads, gmac=gmac))
 
   # --- streaming interface -----------------------------------------------------------------
   def feed(self, samples: np.ndarray) -> Iterator[np.ndarray]:
@@ -255,7 +260,9 @@ class ChunkedSeparator:
             "last_exit_gmac_per_s": self.last_exit_gmac_per_s
             * self.geometry.window * len(self.records) / max(self._received, 1),
             "mean_exit": float(np.mean(exits)) if exits else 0.0,
-            "exits_run_mean": float(np.mean([r.exits_run for r in self.records]))
+            "exits_run_mean": float(np.mean([r.exits_run for r in self.records])),
+            "waveform_heads_run_mean": float(np.mean([r.waveform_heads_run
+                                                      for r in self.records]))
             if self.records else 0.0}
 
 

@@ -15,13 +15,15 @@ class ExitOutputs:
   sigma^2 ~ InvGamma(alpha, beta); `log_var = log(beta / alpha)` and `log_alpha = log(alpha)`.
   """
 
+  # None only inside the dynamic path, for an exit whose waveform head was not run (a rule
+  # without the SNR / SNRi conditions decides on the variance alone; press_jax.dynamic).
   mean: Float[Array, "exits batch speakers samples"]
   log_var: Float[Array, "exits batch speakers blocks"]
   log_alpha: Float[Array, "exits batch speakers blocks"]
 
   @property
   def num_exits(self) -> int:
-    return self.mean.shape[0]
+    return self.log_alpha.shape[0]
 
   @property
   def alpha(self) -> jax.Array:

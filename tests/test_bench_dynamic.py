@@ -47,3 +47,28 @@ def test_speed_and_memory_figures():
   assert result["achieved_gflops"] > 0 and result["matmul_gflops"] > 0
   assert [m["output_samples"] for m in result["memory"]] == [8000, 24000]
   assert "real time" in bench_dynamic.format_report({"speed": result})
+
+
+def test_estimate_free_rule_spends_only_the_chosen_heads():
+  """--conditions snr_ref: at a target no block reaches before the last exit, a window runs
+  every stage and variance head but only the last exit's waveform head, so it costs what the
+  static reference costs plus exit 1's variance head, not the all-heads figure above."""
+  model = press_net.create("tiny", width=16, encoder_channels=16, block_length=400,
+                           waveform_head="mask")
+  params = press_net.init_params(model, jax.random.key(0))
+  loaded = model_dir.LoadedModel(model=model, params=params, calibration=None, directory="",
+                                 kind="random")
+  rng = np.random.default_rng(1)
+  sources = 0.1 * rng.standard_normal((2, 3000)).astype(np.float32)
+  result = bench_dynamic.sweep(loaded, [(sources.sum(0), sources)], [100.0], 0.9,
+                               chunk_seconds=0.25, context_seconds=0.05,
+                               conditions=("snr_ref",))
+  (high,), last = result["targets"], result["last_exit"]
+  config = model.config
+  assert high["mean_exit"] == 2.0 and high["waveform_heads_run_mean"] == 1.0
+  expected = (compute.gmac_per_second_run(config, 2, waveform_heads=1, variance_heads=2)
+              / compute.gmac_per_second(config, 2))
+  assert high["gmac_per_s"] / last["gmac_per_s"] == pytest.approx(expected)
+  assert expected < compute.gmac_per_second(config, 2, all_heads=True) / compute.gmac_per_second(
+      config, 2)
+  assert "conditions snr_ref" in bench_dynamic.format_report(result)

@@ -65,16 +65,38 @@ def assert_same_selection(got, expected):
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 @pytest.mark.parametrize("target_db", [-5.0, 0.0, 3.0, 30.0])
-def test_dynamic_equals_masked(name, target_db):
+@pytest.mark.parametrize("conditions", [("snr", "snri", "snr_ref"), ("snr_ref",)])
+def test_dynamic_equals_masked(name, target_db, conditions):
   model, params = model_and_params(name)
   mixture, mask = mixtures()
-  settings = dict(target_db=target_db, confidence=0.6, crossfade_ms=10.0)
+  settings = dict(target_db=target_db, confidence=0.6, crossfade_ms=10.0, conditions=conditions)
   got = dynamic.dynamic_select(model, params, mixture, mask, **settings)
   expected = dynamic.masked_select(model, params, mixture, mask, **settings)
   assert_same_selection(got, expected)
   # The loop ran exactly as deep as the deepest block needed.
   deepest = int(dynamic.exits_needed(expected).max())
   assert int(got.exits_run) == deepest
+  assert int(got.variance_heads_run) == deepest
+  if conditions == ("snr_ref",):
+    # Estimate-free rule: a waveform head runs for each exit some valid block chose, no other.
+    chosen = np.unique(np.asarray(expected.exit_index)[np.asarray(expected.block_valid)])
+    assert int(got.waveform_heads_run) == chosen.size
+  else:
+    assert int(got.waveform_heads_run) == deepest
+
+
+def test_estimate_free_rule_skips_unchosen_heads():
+  """snr_ref alone: over a sweep of targets some window's blocks skip an exit between the first
+  and the deepest, and then fewer heads than stages run (the case the saving is for)."""
+  model, params = model_and_params("one_stage_per_step")
+  mixture, mask = mixtures()
+  for target in np.linspace(-10.0, 30.0, 17):
+    settings = dict(target_db=float(target), confidence=0.6, conditions=("snr_ref",))
+    got = dynamic.dynamic_select(model, params, mixture, mask, **settings)
+    assert_same_selection(got, dynamic.masked_select(model, params, mixture, mask, **settings))
+    if int(got.waveform_heads_run) < int(got.exits_run):
+      return
+  pytest.fail("no target left an exit between 1 and the deepest unchosen")
 
 
 def test_choices_vary_and_the_loop_stops_early():

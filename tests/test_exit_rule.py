@@ -168,6 +168,16 @@ def test_condition_subsets():
   with pytest.raises(ValueError, match="conditions"):
     exit_rule.exit_probabilities(outputs, mixture, mask, block_length=200, target_db=8.0,
                                  conditions=("sdr",))
+  # SNRref reads no estimate: without one (the dynamic path's variance-only stages) it gives
+  # the same values as the numpy reference, and the estimate conditions refuse.
+  free = outputs.replace(mean=None)
+  values = exit_rule.exit_probabilities(free, mixture, mask, block_length=200, target_db=8.0,
+                                        conditions=("snr_ref",))
+  np.testing.assert_allclose(np.asarray(values), reference[2], atol=2e-4)
+  assert not exit_rule.needs_estimate(("snr_ref",)) and exit_rule.needs_estimate(("snri",))
+  with pytest.raises(ValueError, match="need the exits' estimates"):
+    exit_rule.exit_probabilities(free, mixture, mask, block_length=200, target_db=8.0,
+                                 conditions=("snr", "snr_ref"))
 
 
 def test_zero_energies_give_zero_probability_not_nan():

@@ -59,7 +59,8 @@ class KnownSeparation:
     return dynamic.DynamicSelection(
         waveform=sources[None], exit_index=np.zeros((1, blocks), np.int32),
         probability=np.ones((1, blocks), np.float32),
-        block_valid=np.ones((1, blocks), bool), exits_run=np.int32(1))
+        block_valid=np.ones((1, blocks), bool), exits_run=np.int32(1),
+        waveform_heads_run=np.int32(1), variance_heads_run=np.int32(1))
 
 
 @pytest.mark.parametrize("samples", [300, 4000, 16000, 16001, 40000 + 123])

@@ -41,7 +41,9 @@ def parse_arguments(argv):
   parser.add_argument("--confidence", type=float, default=0.9,
                       help="confidence p in (0, 1) of the exit rule (default 0.9)")
   parser.add_argument("--conditions", default="snr,snri,snr_ref",
-                      help="comma-separated exit conditions (any suffices; default all three)")
+                      help="comma-separated exit conditions (any suffices; default all three); "
+                           "snr_ref alone runs an exit's waveform head only where a block "
+                           "accepts it (docs/inference.md)")
   parser.add_argument("--probabilities", choices=("approximate", "exact"),
                       default="approximate",
                       help="exit probabilities: the paper's large-T form or the exact one")
@@ -155,7 +157,7 @@ def separate_file(path, loaded, settings, arguments, progress):
       "real_time_factor": seconds / summary["seconds"] if summary["seconds"] else None,
       "blocks": [block for record in separator.records for block in record.blocks],
       "windows": [{"index": r.index, "start_s": r.start_s, "exits_run": r.exits_run,
-                   "gmac": r.gmac} for r in separator.records],
+                   "waveform_heads_run": r.waveform_heads_run, "gmac": r.gmac} for r in separator.records],
   }
   write_json(exits_path, report)
   if kept is not None:

@@ -271,6 +271,19 @@ def pool_blocks(
   return jnp.einsum("bsfd,bfk->bskd", features, pooling)
 
 
+def make_waveform_head(config: config_lib.PressConfig, **kwargs) -> nn.Module:
+  """An exit's waveform head as `PressConfig.waveform_head` says: MaskHead or WaveformHead."""
+  head = MaskHead if config.waveform_head == "mask" else WaveformHead
+  return head(config.encoder_kernel, config.encoder_stride, compute_dtype(config),
+              config.frame_norm, **kwargs)
+
+
+def waveform_head_inputs(head: nn.Module, streams, basis, samples: int) -> tuple:
+  """The call arguments of `head`: (streams, basis, samples) for a MaskHead, else (streams,
+  samples)."""
+  return (streams, basis, samples) if isinstance(head, MaskHead) else (streams, samples)
+
+
 class StageGroup(nn.Module):
   """One scan step: `stages_per_group` stages, each a run of blocks followed by its exit."""
 
@@ -306,12 +319,9 @@ class StageGroup(nn.Module):
               dtype, name=f"stage{stage}_attention{attention_count}")(streams)
           attention_count += 1
       mean = log_var = log_alpha = None
-      if self.heads == "all" and config.waveform_head == "mask":
-        mean = MaskHead(config.encoder_kernel, config.encoder_stride, dtype, config.frame_norm,
-                        name=f"stage{stage}_waveform_head")(streams, basis, self.samples)
-      elif self.heads == "all":
-        mean = WaveformHead(config.encoder_kernel, config.encoder_stride, dtype, config.frame_norm,
-                            name=f"stage{stage}_waveform_head")(streams, self.samples)
+      if self.heads == "all":
+        head = make_waveform_head(config, name=f"stage{stage}_waveform_head")
+        mean = head(*waveform_head_inputs(head, streams, basis, self.samples))
       if self.heads in ("all", "variance"):
         log_var, log_alpha = VarianceHead(
             config.variance_width, config.alpha_floor, config.variance_floor,
@@ -411,12 +421,20 @@ def prepare_input(config: config_lib.PressConfig, mixture, mask=None) -> Prepare
 def finish_exits(config: config_lib.PressConfig, prepared: PreparedInput,
                  mean: Float[Array, "exits batch speakers samples"], log_var, log_alpha
                  ) -> ExitOutputs:
-  """Mixture consistency, then back to the input's scale (any number of exits)."""
-  if config.mixture_consistency:
-    mean = mixture_consistent(mean, prepared.normalised)
-  mean = mean * prepared.scale[None, :, None, None] * prepared.mask[None, :, None, :]
+  """Mixture consistency, then back to the input's scale (any number of exits); `mean` None
+  (no waveform head run) stays None."""
+  if mean is not None:
+    mean = finish_estimates(config, prepared, mean)
   log_var = log_var + 2.0 * jnp.log(prepared.scale)[None, :, None, None]
   return ExitOutputs(mean=mean, log_var=log_var, log_alpha=log_alpha)
+
+
+def finish_estimates(config: config_lib.PressConfig, prepared: PreparedInput,
+                     mean: Float[Array, "exits batch speakers samples"]):
+  """finish_exits' estimates alone: mixture consistency, then the input's scale and mask."""
+  if config.mixture_consistency:
+    mean = mixture_consistent(mean, prepared.normalised)
+  return mean * prepared.scale[None, :, None, None] * prepared.mask[None, :, None, :]
 
 
 def make_encoder(config: config_lib.PressConfig, **kwargs) -> Encoder:
