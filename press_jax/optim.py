@@ -38,10 +38,11 @@ def learning_rate_schedule(config: OptimizerConfig,
                            replans: tuple[tuple[int, int], ...] = ()) -> optax.Schedule:
   """Linear 0 -> peak over warmup_steps, then linear peak -> 0 at total_steps.
 
-  `replans`: ((update, total), ...), each a shortened plan from `update` on: the rate decays
+  `replans`: ((update, total), ...), each a new plan from `update` on: the rate decays
   linearly from its value at `update` to 0 at `total` (the trainer's `anneal_to_time_limit`
-  writes them when the time limit would cut the run; docs/training.md). Updates strictly
-  increasing, each total above its update and no later than the plan before it.
+  writes them when the time limit would cut the run, or leave time unused after an earlier
+  re-plan; docs/training.md). Updates strictly increasing, each total above its update and
+  no later than `total_steps`.
   """
   warmup = optax.linear_schedule(0.0, config.peak_learning_rate, max(config.warmup_steps, 1))
   decay = optax.linear_schedule(config.peak_learning_rate, 0.0,
@@ -54,15 +55,15 @@ def learning_rate_schedule(config: OptimizerConfig,
 
 def check_replans(replans, total_steps: int) -> tuple[tuple[int, int], ...]:
   """`replans` as a tuple of int pairs; ValueError naming the first bad one."""
-  result, previous_update, previous_total = [], -1, int(total_steps)
+  result, previous_update = [], -1
   for pair in replans:
     update, total = (int(v) for v in pair)
-    if not previous_update < update < total <= previous_total:
+    if not previous_update < update < total <= int(total_steps):
       raise ValueError(
           f"learning-rate re-plan {tuple(pair)}: need earlier update ({previous_update}) < "
-          f"update < total <= the previous plan's total ({previous_total})")
+          f"update < total <= the configured total_steps ({int(total_steps)})")
     result.append((update, total))
-    previous_update, previous_total = update, total
+    previous_update = update
   return tuple(result)
 
 

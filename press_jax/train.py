@@ -131,6 +131,11 @@ class TrainResult:
 SCHEDULE_FILE = "schedule.json"
 REPLAN_MARGIN = 0.97  # Plan for this share of the projected steps (checkpoints, drift).
 REPLAN_TOLERANCE = 0.98  # Re-plan only if the projection is below this share of the plan.
+# A shortened plan grows back (towards `steps`, once per call) when the projection exceeds it
+# by this factor: a plan made at the first measured rate leaves time unused on a machine that
+# then runs faster (the demo: 56 of its 540 s), and growing costs a recompilation (~10 s).
+REPLAN_GROWTH = 1.05
+GROWTH_ROWS = 4  # Log rows of rate since the last (re)compilation before a plan may grow.
 
 
 def read_schedule(workdir: str) -> dict[str, Any] | None:
@@ -281,6 +286,7 @@ def train(
   rates: list[float] = []
   rate_origin: tuple[int, float] | None = None
   replans_this_call: list[int] = []
+  grown = False  # Whether this call grew its plan (once at most: each re-plan recompiles).
   first_window: tuple[int, float] | None = None  # (steps, s) of the first row: the compilation.
   compile_s = 0.0  # Its excess over the steady rate: what a re-plan's recompilation will cost.
 
@@ -327,26 +333,32 @@ def train(
       window_start, window_step = now, step_number
 
   def maybe_replan():
-    """Shorten the plan when this call's latest rate will not reach it before the time limit.
+    """Shorten the plan when this call's latest rate will not reach it before the time limit;
+    grow a shortened plan back (once per call, never past `steps`) when clearly more fits.
 
     Single-process runs only: hosts measure their own rates and would decide differently (a
     multi-host run keeps its plan and stops at the time limit, as without this option).
     """
-    nonlocal plan_steps, replans, optimizer, schedule, step_fn, rate_origin
+    nonlocal plan_steps, replans, optimizer, schedule, step_fn, rate_origin, grown
     if (not config.anneal_to_time_limit or not config.time_limit_s or not rates
         or jax.process_count() > 1):
       return  # No rate past the compilation yet; multi-host runs keep their plan.
     remaining = config.time_limit_s - (time.perf_counter() - started)
-    if replanned_steps(step, rates[-1], remaining) >= plan_steps * REPLAN_TOLERANCE:
-      return  # The plan fits.
+    projected = replanned_steps(step, rates[-1], remaining)
+    shrink = projected < plan_steps * REPLAN_TOLERANCE
+    grow = (not grown and plan_steps < config.steps and len(rates) >= GROWTH_ROWS
+            and projected >= plan_steps * REPLAN_GROWTH)
+    if not (shrink or grow):
+      return  # The plan fits, and no more than it would.
     # A re-plan recompiles the step: the new plan leaves the first compilation's time for it.
-    steps = replanned_steps(step, rates[-1], remaining - compile_s)
+    steps = min(replanned_steps(step, rates[-1], remaining - compile_s), config.steps)
     accumulation = config.optimizer.accumulation_steps
     total = replans[-1][1] if replans else config.optimizer.total_steps
-    new_total = min(total, steps // accumulation)
+    new_total = min(config.optimizer.total_steps, steps // accumulation)
     update = step // accumulation
-    if not update < new_total < total:
+    if not update < new_total or (new_total >= total if shrink else new_total <= total):
       return
+    grown = grown or grow
     replans = replans + ((update, new_total),)
     plan_steps = steps
     optimizer = optim.make_optimizer(config.optimizer, replans)
@@ -368,7 +380,8 @@ def train(
     progress.message(
         f"step {step}: at {rate:.2f} steps/s the time limit ({config.time_limit_s:.0f} s) "
         f"ends the run near step {steps}, not {config.steps}: the learning rate now decays to 0 "
-        f"at update {new_total} (schedule.json)")
+        f"at update {new_total} (schedule.json"
+        + (f"; grown from update {total})" if new_total > total else ")"))
 
   def handle_then_replan(step_number, metrics):
     logged = len(rates)

@@ -38,7 +38,8 @@ def reference_rate(count, peak, warmup, total, replans):
   return upto(len(replans), count)
 
 
-@pytest.mark.parametrize("replans", [(), ((60, 80),), ((60, 80), (70, 75)), ((5, 9),)])
+@pytest.mark.parametrize("replans", [(), ((60, 80),), ((60, 80), (70, 75)), ((5, 9),),
+                                     ((60, 80), (70, 100))])
 def test_schedule_matches_the_piecewise_linear_reference(replans):
   config = optim.OptimizerConfig(peak_learning_rate=2e-3, warmup_steps=10, total_steps=110)
   schedule = optim.learning_rate_schedule(config, replans)
@@ -49,7 +50,7 @@ def test_schedule_matches_the_piecewise_linear_reference(replans):
 
 
 @pytest.mark.parametrize("replans", [((0, 0),), ((50, 40),), ((60, 80), (50, 70)),
-                                     ((60, 120),), ((60, 80), (70, 90))])
+                                     ((60, 120),), ((60, 80), (70, 111))])
 def test_bad_replans_are_refused(replans):
   config = optim.OptimizerConfig(peak_learning_rate=1e-3, warmup_steps=10, total_steps=110)
   with pytest.raises(ValueError, match="re-plan"):
@@ -121,6 +122,48 @@ def test_a_second_call_keeps_the_replanned_end(replanned_run):
   again = train_lib.train(make_config(), workdir, iterator())
   assert again.planned_steps == 8 and again.replans == ((4, 8),)
   assert [row for row in again.history if "loss" in row] == []  # Already at step 8.
+
+
+def grow_config(steps=24):
+  return make_config(steps=steps, optimizer=optim.OptimizerConfig(
+      peak_learning_rate=1e-3, warmup_steps=2, total_steps=steps))
+
+
+def test_a_shortened_plan_grows_back_once_when_more_fits(tmp_path, monkeypatch):
+  """24 planned steps; at step 4 the projection says 16 fit (shortened); later 22 fit (the
+  machine got faster). After the recompilation's row (6) the rate needs GROWTH_ROWS rows
+  (8..14) before the plan may grow: it grows to 22 on row 14's decision, made once step 15 is
+  dispatched (update 15), once, and the rate still ends at 0 there."""
+  decisions = []
+
+  def projection(step, rate, remaining_s):
+    decisions.append(step)
+    return 16 if step <= 4 else 22
+  monkeypatch.setattr(train_lib, "replanned_steps", projection)
+  monkeypatch.setattr(train_lib, "GROWTH_ROWS", 4)
+  result = train_lib.train(grow_config(), str(tmp_path / "grow"), iterator())
+  replans = ((4, 16), (15, 22))
+  assert result.replans == replans and result.planned_steps == 22
+  assert not result.stopped_early
+  rows = [row for row in result.history if "loss" in row]
+  assert rows[-1]["step"] == 22
+  for row in rows:
+    np.testing.assert_allclose(
+        row["learning_rate"], reference_rate(row["step"] - 1, 1e-3, 2, 24, replans), rtol=1e-6)
+  assert reference_rate(22, 1e-3, 2, 24, replans) == 0.0
+  # Rows between the two re-plans decided but had too little rate to grow; after growing, later
+  # rows still decide and change nothing.
+  assert any(4 < d < 15 for d in decisions) and any(d > 15 for d in decisions)
+  assert [row["replan"] for row in result.history if "replan" in row][-1] == {
+      "steps": 22, "update": 15, "total_updates": 22}
+
+
+def test_a_plan_never_grows_past_its_steps(tmp_path, monkeypatch):
+  monkeypatch.setattr(train_lib, "replanned_steps",
+                      lambda step, rate, remaining: 16 if step <= 4 else 100)
+  monkeypatch.setattr(train_lib, "GROWTH_ROWS", 4)
+  result = train_lib.train(grow_config(), str(tmp_path / "capped"), iterator())
+  assert result.replans == ((4, 16), (15, 24)) and result.planned_steps == 24
 
 
 def test_without_the_option_the_plan_is_kept(tmp_path, monkeypatch):
