@@ -6,15 +6,15 @@ Command:
 Expected on 2 cores: corpus build ~1 min (once, cached afterwards), training for its 540 s
 limit (a budget of 10000 steps, more than a 2-core machine has fitted: ~8800 at ~17 steps/s
 on 2026-12-06, ~5900 at 11 steps/s; the learning-rate schedule is re-planned to the steps that
-fit, grown back once if the machine speeds up, and still annealed to 0; the report says so), fine-tuning and test evaluation ~2.5 min;
-~13 min in all from a fresh clone (`.venv` from scratch included). Spending the whole 540 s
-instead of stopping at 5400 steps: +0.30 dB validation SI-SNRi at the last exit (README, probe
-rows 42-43).
-Results (README, "Latest run", 2026-12-06, 6488 steps fitted): test SI-SNRi 5.09 / 5.63 /
-5.73 dB at exits 1 / 2 / 3, 0.038 / 0.042 / 0.051 GMAC/s; PIT KS 0.11 / 0.056 / 0.038. A
-machine half as fast (2026-12-05, the 5400-step budget, which was re-planned there too):
-~2200 steps, test 3.97 / 4.22 / 4.35 dB (simulated with --config.train.time_limit_s=270;
-README).
+fit, grown back once if the machine speeds up, and still annealed to 0; the report says so),
+fine-tuning and test evaluation ~2.5 min; ~13 min in all from a fresh clone (`.venv` from
+scratch included). Spending the whole 540 s instead of stopping at 5400 steps: +0.30 dB
+validation SI-SNRi at the last exit (README, probe rows 42-43).
+Results (README, "Latest run", 2026-12-06, fresh clone, 9065 of the 10000 steps fitted at
+~17.5 steps/s, 12 min 11 s in all): test SI-SNRi 6.04 / 6.52 / 6.77 dB at exits 1 / 2 / 3,
+0.038 / 0.042 / 0.051 GMAC/s; PIT KS 0.100 / 0.101 / 0.089. Over three seeds at 7500 steps:
+5.65-6.22 dB at the last exit (mean 6.01). A machine half as fast (simulated with
+--config.train.time_limit_s=270 at ~11.5 steps/s): 2663 steps, test 4.21 / 4.48 / 4.65 dB.
 Sweeps: python -m experiments.sweep --config demo --sweep seeds --root runs/demo_seeds
 """
 
