@@ -136,8 +136,9 @@ def truncated(config: PressConfig, exit_number: int) -> PressConfig:
   if exit_number % config.stages_per_group:
     raise ValueError(f"truncated: exit {exit_number} is not a multiple of the stage group size "
                      f"{config.stages_per_group}")
-  return config.replace(exits=exit_number,
-                        decoder_blocks=exit_number * config.blocks_per_stage)
+  blocks = [config.rnn_blocks_of_stage(s % config.stages_per_group) for s in range(exit_number)]
+  return config.replace(exits=exit_number, decoder_blocks=sum(blocks),
+                        stage_blocks=tuple(blocks) if config.stage_blocks else ())
 
 
 def xla_gmac_per_second(config: PressConfig, exit_number: int, seconds: float = 1.0) -> float:

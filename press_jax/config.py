@@ -33,6 +33,10 @@ class PressConfig:
   encoder_blocks: int = 8  # N_enc: linear-RNN blocks on the mixture stream.
   decoder_blocks: int = 12  # N_dec: linear-RNN blocks on the speaker streams.
   exits: int = 4  # E: an exit after every decoder_blocks / exits linear-RNN blocks.
+  # Beyond the paper: linear-RNN blocks before each exit, in order (len == exits, summing to
+  # decoder_blocks), e.g. (1, 1, 2) for a deeper last stage; () is decoder_blocks / exits each.
+  # Unequal depths put every stage in one scan step (stages_per_group == exits).
+  stage_blocks: tuple[int, ...] = ()
   attention_every: int = 3  # A speaker-attention block after every k-th decoder RNN block; 0: none.
   attention_heads: int = 4
   rnn_expansion: float = 4.0  # Recurrence width H = rnn_expansion * D.
@@ -72,12 +76,28 @@ class PressConfig:
   recurrence_chunk: int = 16  # C, frames per chunk of the 'chunked' kernel.
 
   def __post_init__(self):
+    # JSON and ml_collections hand sequences back as lists; the config stays hashable.
+    object.__setattr__(self, "stage_blocks", tuple(self.stage_blocks))
     self.validate()
 
   # --- derived sizes -------------------------------------------------------------------------
   @property
   def blocks_per_stage(self) -> int:
-    """Decoder RNN blocks between two exits."""
+    """Decoder RNN blocks between two exits (stages of equal depth; `rnn_blocks_of_stage`)."""
+    if not self.uniform_stages:
+      raise ValueError(f"PressConfig: stages of unequal depth (stage_blocks="
+                       f"{self.stage_blocks}) have no single blocks_per_stage")
+    return self.decoder_blocks // self.exits
+
+  @property
+  def uniform_stages(self) -> bool:
+    """Every exit has the same number of RNN blocks before it."""
+    return len(set(self.stage_blocks)) <= 1
+
+  def rnn_blocks_of_stage(self, stage_in_group: int) -> int:
+    """Linear-RNN blocks of one stage inside a group."""
+    if self.stage_blocks:
+      return self.stage_blocks[stage_in_group]
     return self.decoder_blocks // self.exits
 
   @property
@@ -103,6 +123,8 @@ class PressConfig:
   @property
   def stages_per_group(self) -> int:
     """Exits per scan step: the shortest run of stages whose block layout repeats."""
+    if not self.uniform_stages:
+      return self.exits
     if not self.attention_every:
       return 1
     period = math.lcm(self.blocks_per_stage, self.attention_every)
@@ -116,8 +138,9 @@ class PressConfig:
   def stage_layout(self, stage_in_group: int) -> tuple[str, ...]:
     """Block kinds of one stage inside a group: 'rnn' or 'attention', in order."""
     layout = []
-    for k in range(self.blocks_per_stage):
-      index = stage_in_group * self.blocks_per_stage + k + 1  # 1-based RNN index in the group.
+    start = sum(self.rnn_blocks_of_stage(s) for s in range(stage_in_group))
+    for k in range(self.rnn_blocks_of_stage(stage_in_group)):
+      index = start + k + 1  # 1-based RNN index in the group.
       layout.append("rnn")
       if self.attention_every and index % self.attention_every == 0:
         layout.append("attention")
@@ -142,16 +165,24 @@ class PressConfig:
          f"waveform_head must be 'mapping' or 'mask', got {self.waveform_head!r}")
     need(self.encoder_blocks >= 0, f"encoder_blocks must be >= 0, got {self.encoder_blocks}")
     need(self.exits >= 1, f"exits must be >= 1, got {self.exits}")
-    need(self.decoder_blocks >= self.exits and self.decoder_blocks % self.exits == 0,
-         f"decoder_blocks ({self.decoder_blocks}) must be a positive multiple of exits "
-         f"({self.exits})")
+    if self.stage_blocks:
+      need(len(self.stage_blocks) == self.exits
+           and all(isinstance(b, int) and b >= 1 for b in self.stage_blocks)
+           and sum(self.stage_blocks) == self.decoder_blocks,
+           f"stage_blocks {self.stage_blocks} must hold one positive int per exit ({self.exits}) "
+           f"summing to decoder_blocks ({self.decoder_blocks})")
+    else:
+      need(self.decoder_blocks >= self.exits and self.decoder_blocks % self.exits == 0,
+           f"decoder_blocks ({self.decoder_blocks}) must be a positive multiple of exits "
+           f"({self.exits})")
     need(self.attention_every >= 0, f"attention_every must be >= 0, got {self.attention_every}")
-    if self.attention_every:
+    if self.attention_every and self.uniform_stages:
       period = math.lcm(self.blocks_per_stage, self.attention_every)
       need(self.decoder_blocks % period == 0,
            f"decoder_blocks ({self.decoder_blocks}) must be a multiple of "
            f"lcm(decoder_blocks/exits={self.blocks_per_stage}, attention_every="
            f"{self.attention_every}) = {period} so that the scanned stage groups are identical")
+    if self.attention_every:
       need(self.width % self.attention_heads == 0,
            f"width ({self.width}) must be divisible by attention_heads ({self.attention_heads})")
     need(self.alpha_floor > 0, f"alpha_floor must be positive, got {self.alpha_floor}")

@@ -47,8 +47,25 @@ def test_params_per_exit_equal_a_truncated_model(name, exit_number):
   assert total == compute.params_per_exit(config)[exit_number - 1]
 
 
+UNEQUAL = {"decoder_blocks": 4, "exits": 3, "stage_blocks": (1, 1, 2), "attention_every": 3}
+
+
+def test_unequal_stages_count_like_the_uniform_network_they_extend():
+  """Exits 1-2 of stage_blocks (1, 1, 2) are a uniform 2-exit network; exit 3 is all of it."""
+  config = config_lib.preset("tiny", **UNEQUAL)
+  counts = compute.params_per_exit(config)
+  everything = sum(leaf.size for leaf in jax.tree_util.tree_leaves(
+      compute.parameter_shapes(config)))
+  # Attention comes after the third RNN block: none in the shallow network's two stages.
+  shallow = config_lib.preset("tiny", decoder_blocks=2, exits=2, attention_every=0)
+  assert counts[-1] == everything
+  assert counts[:2] == compute.params_per_exit(shallow)
+  assert compute.gmac_per_second(config, 2) == pytest.approx(compute.gmac_per_second(shallow, 2))
+
+
 @pytest.mark.parametrize("name,exit_number,overrides", [
-    ("tiny", 2, {}), ("S", 1, {}), ("tiny", 2, {"waveform_head": "mask"})])
+    ("tiny", 2, {}), ("S", 1, {}), ("tiny", 2, {"waveform_head": "mask"}),
+    ("tiny", 3, dict(UNEQUAL, waveform_head="mask"))])
 def test_analytic_count_agrees_with_xla_cost_analysis(name, exit_number, overrides):
   """XLA counts every flop (activations, norms, the scan's extra work); dense MACs dominate."""
   config = config_lib.preset(name, **overrides)

@@ -13,8 +13,8 @@ from press_jax.models import press_net
 from tests import model_util
 
 # (name, overrides): one stage per scan step, and three stages per scan step (the demo's
-# layout: one RNN block per exit, attention after the third), the same with mask heads, and
-# cumulative exits.
+# layout: one RNN block per exit, attention after the third), mask heads with a deeper last
+# stage (stage_blocks (1, 1, 2)), and cumulative exits.
 CONFIGS = {
     "one_stage_per_step": dict(width=16, encoder_blocks=1, decoder_blocks=4, exits=4,
                                attention_every=1, attention_heads=2, rnn_expansion=1.0,
@@ -25,7 +25,8 @@ CONFIGS = {
                                   ffn_expansion=1.0, attention_ffn_expansion=1.0,
                                   encoder_channels=16, block_length=400,
                                   mixture_consistency=True, frame_norm=False),
-    "mask_head": dict(width=16, encoder_blocks=1, decoder_blocks=3, exits=3,
+    "mask_head": dict(width=16, encoder_blocks=1, decoder_blocks=4, exits=3,
+                      stage_blocks=(1, 1, 2),
                       attention_every=3, attention_heads=2, rnn_expansion=1.0,
                       ffn_expansion=1.0, attention_ffn_expansion=1.0,
                       encoder_channels=16, block_length=400, mixture_consistency=True,

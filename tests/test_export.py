@@ -31,15 +31,16 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(width=16, attention_heads=2, rnn_expansion=1.0, ffn_expansion=1.0,
             attention_ffn_expansion=1.0, encoder_channels=16, block_length=400)
 # tests/test_dynamic.py's shapes: one stage per scan group (attention after every RNN block),
-# three stages per group (the demo's layout), the same with mask heads and cumulative exits,
-# and cumulative exits without encoder blocks.
+# three stages per group (the demo's layout), mask heads and cumulative exits with a deeper
+# last stage (stage_blocks (1, 1, 2)), and cumulative exits without encoder blocks.
 CONFIGS = {
     "one_stage_per_group": dict(TINY, encoder_blocks=1, decoder_blocks=4, exits=4,
                                 attention_every=1),
     "three_stages_per_group": dict(TINY, encoder_blocks=1, decoder_blocks=3, exits=3,
                                    attention_every=3, mixture_consistency=True,
                                    frame_norm=False),
-    "mask_head_cumulative": dict(TINY, encoder_blocks=1, decoder_blocks=3, exits=3,
+    "mask_head_cumulative": dict(TINY, encoder_blocks=1, decoder_blocks=4, exits=3,
+                                 stage_blocks=(1, 1, 2),
                                  attention_every=3, waveform_head="mask",
                                  cumulative_exits=True),
     "cumulative_one_stage": dict(TINY, encoder_blocks=0, decoder_blocks=2, exits=2,

@@ -1,6 +1,7 @@
 """PRESS-Net modules: shapes, framing, recurrence, padding and scale behaviour, bad input."""
 
 import functools
+import json
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +12,7 @@ from press_jax import config as config_lib
 from press_jax import validation
 from press_jax.models import layers, recurrence, press_net
 from press_jax.types import ExitOutputs
+from tests import model_util
 
 
 @functools.lru_cache(maxsize=None)
@@ -341,6 +343,36 @@ def test_unknown_preset_and_bad_config():
     config_lib.preset("S", exits=5)
   with pytest.raises(ValueError, match="encoder_kernel"):
     config_lib.preset("S", encoder_kernel=18)
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (dict(decoder_blocks=4, exits=3, stage_blocks=(1, 2)), r"one positive int per exit \(3\)"),
+    (dict(decoder_blocks=4, exits=3, stage_blocks=(1, 1, 1)), r"summing to decoder_blocks \(4\)"),
+    (dict(decoder_blocks=4, exits=3, stage_blocks=(0, 2, 2)), "stage_blocks"),
+    (dict(decoder_blocks=4, exits=3), "multiple of exits"),
+])
+def test_unequal_stage_depths_are_validated(overrides, message):
+  with pytest.raises(ValueError, match=message):
+    config_lib.preset("tiny", **overrides)
+
+
+def test_unequal_stage_depths_layout_and_round_trip():
+  """stage_blocks (1, 1, 2): one scan step of three stages, RNN blocks counted across them."""
+  config = config_lib.preset("tiny", decoder_blocks=4, exits=3, stage_blocks=[1, 1, 2],
+                             attention_every=3)
+  assert config.stage_blocks == (1, 1, 2) and (config.stages_per_group, config.groups) == (3, 1)
+  assert [config.stage_layout(s) for s in range(3)] == [
+      ("rnn",), ("rnn",), ("rnn", "attention", "rnn")]
+  assert config_lib.PressConfig.from_dict(json.loads(config.to_json())) == config
+  with pytest.raises(ValueError, match="unequal depth"):
+    config.blocks_per_stage
+  model = press_net.create("tiny", **config.to_dict())
+  names = sorted(press_net.parameter_shapes(config)["stages"])
+  assert [n for n in names if "_rnn" in n] == ["stage0_rnn0", "stage1_rnn0", "stage2_rnn0",
+                                               "stage2_rnn1"]
+  mixture = model_util.padded_mixture(2, 2237)[0]
+  outputs = model.apply({"params": press_net.init_params(model, jax.random.key(0))}, mixture)
+  assert outputs.mean.shape == (3, 2, 2, 2237)
 
 
 @pytest.mark.parametrize("mixture,kwargs,message", [

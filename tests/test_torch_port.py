@@ -43,10 +43,11 @@ CONFIGS = {
     "tiny": ("tiny", {}),
     "S": ("S", {}),
     "demo": ("tiny", dict(DEMO_MODEL)),
-    # The other switches: no encoder blocks, no attention, cumulative exits, no input
-    # normalisation, three speakers.
+    # The other switches: no encoder blocks, no attention, stages of unequal depth, cumulative
+    # exits, no input normalisation, three speakers.
     "variant": ("tiny", dict(width=16, encoder_channels=16, rnn_expansion=1.0, ffn_expansion=1.0,
-                             encoder_blocks=0, attention_every=0, cumulative_exits=True,
+                             encoder_blocks=0, attention_every=0, decoder_blocks=3,
+                             stage_blocks=(1, 2), cumulative_exits=True,
                              normalize_input=False, speakers=3)),
 }
 # Two lengths per configuration: a multiple of the block length (2000) and of every stride, and
