@@ -217,7 +217,10 @@ class PressConfig:
         block_length=int(round(self.block_length * factor)))
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    """Every field, JSON-native (stage_blocks as a list, as it reads back from a JSON file)."""
+    values = dataclasses.asdict(self)
+    values["stage_blocks"] = list(self.stage_blocks)
+    return values
 
   def to_json(self) -> str:
     return json.dumps(self.to_dict(), indent=2, sort_keys=True)

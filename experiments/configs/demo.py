@@ -7,14 +7,14 @@ Expected on 2 cores: corpus build ~1 min (once, cached afterwards), training for
 limit (a budget of 10000 steps, more than a 2-core machine has fitted: ~8800 at ~17 steps/s
 on 2026-12-06, ~5900 at 11 steps/s; the learning-rate schedule is re-planned to the steps that
 fit, grown back once if the machine speeds up, and still annealed to 0; the report says so),
-fine-tuning and test evaluation ~2.5 min; ~13 min in all from a fresh clone (`.venv` from
+fine-tuning and test evaluation ~2.5-4 min; 12-14 min in all from a fresh clone (`.venv` from
 scratch included). Spending the whole 540 s instead of stopping at 5400 steps: +0.30 dB
 validation SI-SNRi at the last exit (README, probe rows 42-43).
-Results (README, "Latest run", 2026-12-06, fresh clone, 9065 of the 10000 steps fitted at
-~17.5 steps/s, 12 min 11 s in all): test SI-SNRi 6.04 / 6.52 / 6.77 dB at exits 1 / 2 / 3,
-0.038 / 0.042 / 0.051 GMAC/s; PIT KS 0.100 / 0.101 / 0.089. Over three seeds at 7500 steps:
-5.65-6.22 dB at the last exit (mean 6.01). A machine half as fast (simulated with
---config.train.time_limit_s=270 at ~11.5 steps/s): 2663 steps, test 4.21 / 4.48 / 4.65 dB.
+Results (README, "Latest run", 2026-12-06 evening, fresh clone, a slow day of the machine:
+3883 of the 10000 steps fitted at ~7-9 steps/s, 13 min 58 s in all): test SI-SNRi 4.75 / 5.16 /
+5.38 dB at exits 1 / 2 / 3, 0.038 / 0.042 / 0.055 GMAC/s; PIT KS 0.095 / 0.069 / 0.060. The
+previous recipe (one RNN block per exit) on a fast day, 9065 steps at ~17.5 steps/s: 6.04 /
+6.52 / 6.77 dB; three seeds at 7500 steps: 5.65-6.22 dB at the last exit.
 Sweeps: python -m experiments.sweep --config demo --sweep seeds --root runs/demo_seeds
 """
 
