@@ -56,7 +56,7 @@ Recurrence mode (--recurrence). Times `press_jax.models.recurrence.bidirectional
 decay, drive, implementation=NAME, chunk=the config's recurrence_chunk)` for every NAME in
 `RECURRENCE_IMPLEMENTATIONS`: the forward pass and the forward+backward
 pass (gradient of the sum of the outputs times a fixed random cotangent, to both decay and
-drive), medians of --repeats warm calls. The shape (streams, frames, hidden) is the config's
+drive), medians over 10 interleaved rounds of --repeats warm calls of every NAME (sub-ms calls swing 2-3x between blocks of calls). The shape (streams, frames, hidden) is the config's
 decoder recurrence, (batch x speakers, frames, rnn_hidden), e.g. (8, 4003, 32) for the tiny
 preset on the demo's batch at stride 4 and (8, 2001, 32) for the demo's stride 8, or --shape B,T,H. --json prints one JSON
 object {NAME: {"forward_ms", "forward_backward_ms"}, ...}; the matmul reference goes to stderr.
@@ -668,22 +668,38 @@ def recurrence_setup(name: str, sets: list[str]) -> tuple[tuple[int, int, int], 
           getattr(config, "recurrence_chunk", None))
 
 
+RECURRENCE_ROUNDS = 10  # Interleaved rounds: sub-ms calls swing 2-3x between blocks of calls.
+
+
 def bench_recurrence(shape: tuple[int, int, int], repeats: int, seed: int = 0,
-                     chunk: int | None = None) -> dict[str, dict[str, float]]:
-  """{implementation: {'forward_ms', 'forward_backward_ms'}} (medians) at `shape`."""
+                     chunk: int | None = None,
+                     rounds: int = RECURRENCE_ROUNDS) -> dict[str, dict[str, float]]:
+  """{implementation: {'forward_ms', 'forward_backward_ms'}} at `shape`: medians over `rounds`
+  interleaved rounds of `repeats` calls of every implementation, so a slow phase of the
+  machine falls on all of them alike."""
   keys = jax.random.split(jax.random.key(seed), 4)
   decay = jax.nn.sigmoid(jax.random.normal(keys[0], shape, jnp.float32))
   drive = jax.random.normal(keys[1], shape, jnp.float32)
   cotangent = (jax.random.normal(keys[2], shape, jnp.float32),
                jax.random.normal(keys[3], shape, jnp.float32))
+  calls = {}
+  for name in recurrence_implementations():
+    calls[(name, "forward_ms")] = (jax.jit(recurrence_function(name, chunk)), (decay, drive))
+    calls[(name, "forward_backward_ms")] = (jax.jit(_recurrence_grad(name, chunk)),
+                                            (decay, drive, cotangent))
+  samples = {key: [] for key in calls}
+  for function, arguments in calls.values():
+    jax.block_until_ready(function(*arguments))  # Compiled and warm before any timing.
+  for _ in range(max(rounds, 1)):
+    for key, (function, arguments) in calls.items():
+      for _ in range(max(repeats, 1)):
+        started = time.perf_counter()
+        jax.block_until_ready(function(*arguments))
+        samples[key].append(time.perf_counter() - started)
   results = {}
   for name in recurrence_implementations():
-    forward = jax.jit(recurrence_function(name, chunk))
-    forward_backward = jax.jit(_recurrence_grad(name, chunk))
-    results[name] = {
-        "forward_ms": 1e3 * median_seconds(forward, decay, drive, repeats=repeats),
-        "forward_backward_ms": 1e3 * median_seconds(forward_backward, decay, drive, cotangent,
-                                                    repeats=repeats)}
+    results[name] = {kind: 1e3 * statistics.median(samples[(name, kind)])
+                     for kind in ("forward_ms", "forward_backward_ms")}
     log(f"{name}: {results[name]['forward_ms']:.2f} ms forward, "
         f"{results[name]['forward_backward_ms']:.2f} ms forward+backward")
   return results
