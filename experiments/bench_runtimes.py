@@ -24,7 +24,7 @@ Per config (a config name or file of experiments/configs, as every entry point t
   faster than real time). JAX (`jax_rtf`, what a JAX user runs): `forward_through_exit`
   jitted, the stages up to exit k with the model's own recurrence kernel (`auto`: sequential
   on CPU); beside it `jax_export_kernel_rtf`, `forward.graph_function(model, params, k)`
-  jitted: the function the exports trace (the doubling recurrence);
+  jitted: the function the exports trace (the two-pass recurrence, `forward.EXPORT_RECURRENCE`);
   onnxruntime: the ONNX graph of exit k (`press_jax.export.onnx_graphs.export_exit`), a session
   with onnxruntime's default threads; PyTorch: the port's `forward(max_exit=k)` under
   `torch.no_grad()` (it runs the heads of the exits before k too).

@@ -22,7 +22,8 @@ summed. It prints
                    undercounted. Where every scan has length 1 (tiny: one encoder block, one
                    stage group) the step as compiled is counted instead: unrolling changes
                    nothing. The recurrence kernels 'associative', 'chunked' and 'doubling' (at a
-                   static length) have no loops;
+                   static length) have no loops ('two_pass' has two over one chunk's frames,
+                   counted once: not used in training);
                    where the model runs the 'sequential' one (a fori_loop over frames, whose
                    body XLA counts once) its missing iterations are added analytically: 2 flops
                    (multiply, add) per element and frame per pass, 2 passes per call (the

@@ -70,10 +70,11 @@ class PressConfig:
   # touches the JAX backend.
   dtype: str = "float32"
   # Kernel of the linear recurrence (press_jax/models/recurrence.py): 'associative', 'chunked',
-  # 'sequential', 'doubling', or 'auto' (the one measured fastest on the platform the model runs on).
+  # 'sequential', 'doubling', 'two_pass', or 'auto' (the one measured fastest on the platform the
+  # model runs on).
   # Same values either way; only speed differs.
   recurrence: str = "auto"
-  recurrence_chunk: int = 16  # C, frames per chunk of the 'chunked' kernel.
+  recurrence_chunk: int = 16  # C, frames per chunk of the 'chunked' and 'two_pass' kernels.
 
   def __post_init__(self):
     # JSON and ml_collections hand sequences back as lists; the config stays hashable.
@@ -186,8 +187,8 @@ class PressConfig:
       need(self.width % self.attention_heads == 0,
            f"width ({self.width}) must be divisible by attention_heads ({self.attention_heads})")
     need(self.alpha_floor > 0, f"alpha_floor must be positive, got {self.alpha_floor}")
-    need(self.recurrence in ("auto", "associative", "chunked", "sequential", "doubling"),
-         f"recurrence must be 'auto', 'associative', 'chunked', 'sequential' or 'doubling', got "
+    need(self.recurrence in RECURRENCES,
+         f"recurrence must be one of {', '.join(map(repr, RECURRENCES))}, got "
          f"{self.recurrence!r}")
     need(self.recurrence_chunk >= 1,
          f"recurrence_chunk must be >= 1, got {self.recurrence_chunk}")
@@ -235,6 +236,9 @@ class PressConfig:
 
 
 DTYPES = ("float32", "bfloat16", "float16")
+# The names press_jax/models/recurrence.py's RECURRENCE_IMPLEMENTATIONS takes, and 'auto'
+# (tests/test_recurrence.py checks that the two agree; the config module stays free of JAX).
+RECURRENCES = ("auto", "associative", "chunked", "sequential", "doubling", "two_pass")
 AUTO_DTYPE_ON_CPU = "float32"  # XLA:CPU emulates bfloat16 matmuls: slower, not faster.
 AUTO_DTYPE_ON_ACCELERATORS = "bfloat16"  # GPU tensor cores, TPU MXU: native bfloat16 matmuls.
 

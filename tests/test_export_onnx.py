@@ -26,7 +26,7 @@ from tests.test_export import assert_usage_error, run_cli, saved_model  # noqa: 
 MISSING = onnx_graphs.missing_extra()
 needs_onnx = pytest.mark.skipif(MISSING is not None, reason=MISSING or "")
 TOLERANCE = 1e-4  # max |onnxruntime - JAX|, float32 (issue 13).
-# The tiny preset (traced with the doubling recurrence, checked against the associative one it
+# The tiny preset (traced with the two-pass recurrence, checked against the associative one it
 # is configured with), the demo's model (mask heads, three stages per scan group, mixture
 # consistency) and cumulative exits with one stage per group (a scan over two groups).
 CONFIGS = {
@@ -162,9 +162,9 @@ def test_onnx_graph_structure():
     metadata = {p.key: p.value for p in proto.metadata_props}
     assert metadata["graph"] == ("every exit" if k == 0 else f"exit {k}")
     assert metadata["block_length"] == str(config.block_length)
-    # The recurrence is the doubling kernel: its late rounds an ONNX Loop (log2 T iterations),
+    # The recurrence is the two-pass kernel: its sweeps ONNX Loops of one chunk's frames,
     # nothing unrolled over time.
-    assert metadata["recurrence"] == "doubling"
+    assert metadata["recurrence"] == "two_pass"
     assert "Loop" in {n.op_type for n in proto.graph.node}
 
   def parameter_bytes(proto):
@@ -196,7 +196,7 @@ def test_cli_onnx_export(tmp_path, capsys, saved_model):  # noqa: F811 (fixture)
   manifest = json.loads((out / "press_config.json").read_text())
   section = manifest["onnx"]
   assert "stablehlo" not in manifest and section["opset"] == 17
-  assert section["per_exit_graphs"] == [2] and section["recurrence"] == "doubling"
+  assert section["per_exit_graphs"] == [2] and section["recurrence"] == "two_pass"
   assert [i["name"] for i in section["inputs"]] == ["mixture", "mask"]
   assert section["converter"]["jax2onnx"] and section["converter"]["onnxruntime"]
   differences = section["verification"]["max_abs_difference"]

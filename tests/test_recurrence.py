@@ -6,6 +6,7 @@ derivative written out by hand in numpy (gradient) -- neither shares code with t
 
 from __future__ import annotations
 
+import functools
 import itertools
 
 import jax
@@ -13,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from press_jax import config as config_lib
 from press_jax.models import recurrence
 
 IMPLEMENTATIONS = recurrence.RECURRENCE_IMPLEMENTATIONS
@@ -136,6 +138,10 @@ def test_a_zero_decay_resets_the_chunked_state_exactly_enough():
     np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_the_config_takes_every_kernel_name():
+  assert set(config_lib.RECURRENCES) == {"auto", *IMPLEMENTATIONS}
+
+
 def test_auto_resolves_per_platform_and_bad_names_are_refused():
   assert recurrence.resolve_implementation("auto", "cpu") == "sequential"
   for name in IMPLEMENTATIONS:
@@ -145,24 +151,34 @@ def test_auto_resolves_per_platform_and_bad_names_are_refused():
     recurrence.linear_recurrence(jnp.ones((3, 2)), jnp.ones((3, 2)), implementation="fast")
 
 
-@pytest.mark.parametrize("static_rounds", [2, recurrence.DOUBLING_STATIC_ROUNDS])
+# (implementation, its setting): the doubling kernel with chunks of 2^rounds frames and a while
+# loop of doubling rounds across chunks; the two-pass kernel with chunks of C frames, whose chunk
+# states go through the doubling kernel.
+SYMBOLIC_CASES = [("doubling", 2), ("doubling", recurrence.DOUBLING_STATIC_ROUNDS),
+                  ("two_pass", 3), ("two_pass", 32)]
+
+
+@pytest.mark.parametrize("implementation,setting", SYMBOLIC_CASES)
 @pytest.mark.parametrize("reverse", [False, True])
-def test_doubling_at_a_symbolic_length_is_exact_at_every_length(reverse, static_rounds,
-                                                                 monkeypatch):
-  """One jax.export graph of the doubling kernel (chunks of 2^rounds frames, a while loop of
-  doubling rounds across chunks) against the numpy loop at lengths around powers of two and
-  chunk boundaries, forward and gradient. Chunks of 4 frames make every length but the first
-  few span several chunks (one, two and nine loop rounds' worth)."""
-  monkeypatch.setattr(recurrence, "DOUBLING_STATIC_ROUNDS", static_rounds)
+def test_export_kernels_at_a_symbolic_length_are_exact_at_every_length(
+    reverse, implementation, setting, monkeypatch):
+  """One jax.export graph of each kernel the exports use against the numpy loop at lengths
+  around powers of two and chunk boundaries, forward and gradient. Chunks of 4 (doubling) or 3
+  (two-pass) frames make every length but the first few span several chunks (one, two and
+  nine doubling rounds' worth)."""
+  chunk = setting
+  if implementation == "doubling":
+    monkeypatch.setattr(recurrence, "DOUBLING_STATIC_ROUNDS", setting)
+    chunk = recurrence.DEFAULT_CHUNK
   length = jax.export.symbolic_shape("time")[0]
   spec = jax.ShapeDtypeStruct((2, length, 3), jnp.float32)
+  run = functools.partial(recurrence.linear_recurrence, reverse=reverse,
+                          implementation=implementation, chunk=chunk)
 
   def states_and_gradients(decay, drive, cotangent):
     def objective(a, b):
-      return jnp.sum(recurrence.linear_recurrence(a, b, reverse=reverse,
-                                                  implementation="doubling") * cotangent)
-    states = recurrence.linear_recurrence(decay, drive, reverse=reverse, implementation="doubling")
-    return (states, *jax.grad(objective, (0, 1))(decay, drive))
+      return jnp.sum(run(a, b) * cotangent)
+    return (run(decay, drive), *jax.grad(objective, (0, 1))(decay, drive))
 
   exported = jax.export.export(jax.jit(states_and_gradients))(spec, spec, spec)
   assert "while" in exported.mlir_module()

@@ -12,7 +12,7 @@ waveform heads (`heads='none'`, or `'variance'` with cumulative exits, which nee
 
 The exported graphs' contract, shared by the StableHLO and ONNX exports (docs/export.md):
 `graph_function` is what both trace, `input_specs` their symbolic inputs, `export_model` the
-network they trace (the doubling recurrence: a loop over chunk states at a symbolic length).
+network they trace (the two-pass recurrence: two sweeps of chunks at a symbolic length).
 """
 
 from __future__ import annotations
@@ -30,7 +30,11 @@ from press_jax.types import ExitOutputs
 
 INPUT_NAMES = ("mixture", "mask")
 OUTPUT_NAMES = ("mean", "log_var", "log_alpha")
-EXPORT_RECURRENCE = "doubling"
+EXPORT_RECURRENCE = "two_pass"
+# Frames per chunk of the export's two-pass kernel: of 8-256 measured in onnxruntime, 32 was the
+# fastest or within 5 % of it on both the demo's (2, 2000, 32) and S's (1, 20000, 256)
+# recurrences, 10 s of audio (docs/export.md, "Speed").
+EXPORT_RECURRENCE_CHUNK = 32
 
 
 def check_exit_number(config, exit_number: int) -> int:
@@ -101,17 +105,20 @@ def forward_through_exit(
 
 # --- the exported graphs' contract ------------------------------------------------------------
 def export_model(model: press_net.PressNet) -> press_net.PressNet:
-  """The network the graphs are traced with: the same one with the doubling recurrence.
+  """The network the graphs are traced with: the same one with the two-pass recurrence.
 
   The associative and chunked kernels cannot take a symbolic length (jax: "associative scan over
   axis of non-constant size"); the sequential one can, but as a loop of T iterations (an ONNX
   `Loop` that onnxruntime ran at ~75 us per frame, 17-33x slower than JAX: docs/export.md). The
-  doubling kernel works in chunks of 64 frames with static shifts and, across chunks, a loop of
-  log2(T / 64) rounds on the chunk states only (StableHLO `while`, ONNX `Loop`), exact at every
-  length and the same operations as the jitted model with that kernel. Same values as the
-  other kernels to float rounding.
+  two-pass kernel sweeps chunks of 32 frames twice, all chunks at once (two `Loop`s of 32
+  steps), and combines the T / 32 chunk states with the doubling kernel's rounds (a `Loop` of
+  log2(T / 2048) of them beyond its static ones); exact at every length and the same
+  operations as the jitted model with that kernel. Same values as the other kernels to float
+  rounding. (The doubling kernel, the exports' until 2026-12-06, ran 1.3-2x slower in
+  onnxruntime.)
   """
-  return press_net.PressNet(model.config.replace(recurrence=EXPORT_RECURRENCE))
+  return press_net.PressNet(model.config.replace(recurrence=EXPORT_RECURRENCE,
+                                                 recurrence_chunk=EXPORT_RECURRENCE_CHUNK))
 
 
 def input_specs() -> tuple[jax.ShapeDtypeStruct, jax.ShapeDtypeStruct]:

@@ -34,12 +34,13 @@ What the conversion needs, with jax2onnx 0.17 (docs/export.md, "ONNX graphs"):
 - pad widths must be constants, and the scatter of `segment_sum` is not converted: the model
   frames with constant pads and counts frames per block with one-hot contractions;
 - `lax.scan(reverse=True)` is not converted, and neither is `associative_scan` (interior
-  padding): the graphs run the doubling recurrence (`forward.EXPORT_RECURRENCE`), shifts by
-  static pads within chunks of 64 frames and an ONNX `Loop` of log2(T / 64) rounds over the
-  chunk states (the sequential kernel's per-frame `Loop` made onnxruntime 17-76x slower than
-  JAX);
+  padding): the graphs run the two-pass recurrence (`forward.EXPORT_RECURRENCE`): two ONNX
+  `Loop`s over the 32 frames of a chunk, every chunk at once, and the doubling kernel's rounds
+  over the chunk states (the sequential kernel's per-frame `Loop` made onnxruntime 17-76x
+  slower than JAX; the doubling kernel alone, the exports' until 2026-12-06, ran S's graphs
+  ~1.25x slower);
 - it cannot broadcast to a symbolic shape computed inside a loop ("no origin recorded for
-  symbolic dim"): the doubling loop builds its fill frames arithmetically.
+  symbolic dim"): the kernels build their zeros and fill frames arithmetically from inputs.
 
 jax2onnx, onnx and onnxruntime are the optional extra `onnx` (setup.cfg); `missing_extra()`
 says what is missing, and nothing here imports them before a conversion or a run.

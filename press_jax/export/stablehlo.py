@@ -15,9 +15,9 @@ Two kinds of graph, both with the parameters embedded as constants and the input
 blocks = ceil(samples / block_length); `batch` and `samples` are free symbolic dimensions (any
 value >= 1). The associative and chunked recurrences cannot take a symbolic length on CPU (jax:
 "associative scan over axis of non-constant size"), so graphs are traced with
-`recurrence='doubling'` (same values to float rounding), whose rounds across chunks of
-2^`recurrence.DOUBLING_STATIC_ROUNDS` frames run in a `while` loop until the shift reaches the
-chunk count.
+`recurrence='two_pass'` (same values to float rounding; `forward.export_model`): two `while`
+loops over the frames of a chunk, every chunk at once, and the doubling kernel's rounds across
+the chunk states.
 """
 
 from __future__ import annotations
