@@ -43,6 +43,7 @@ shapes, as the loaders guarantee; hosts with the same number of local devices) a
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 from typing import Any, Iterable, Sequence
@@ -120,6 +121,13 @@ class EvalPlan:
   uniform_seed: int = 0
   with_calibration: bool = True
   with_sdr: bool = False
+
+  def key(self) -> tuple:
+    """A hashable equivalent (the rows' parameter dicts as item tuples): the step cache's key."""
+    rows = tuple((kind, tuple(parameters.items()), criterion)
+                 for kind, parameters, criterion in self.rows)
+    return tuple(getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rows") + (
+        rows,)
 
 
 def make_plan(model: PressNet, gmac_per_exit: Sequence[float], policy: PolicySettings | None,
@@ -410,6 +418,28 @@ def _sdr_improvement(estimates: np.ndarray, batch: dict[str, np.ndarray],
   return result
 
 
+# One jitted step per (model, plan, mesh), shared by every Evaluator: a new jax.jit object per
+# Evaluator traced and compiled the same program again for each (the main job's calibration
+# study builds five evaluators of one model; each recompiled the step). The least recently
+# used beyond MAX_CACHED_STEPS are dropped (a sweep in one process meets many models).
+MAX_CACHED_STEPS = 16
+_EVALUATION_STEPS: collections.OrderedDict[tuple, Any] = collections.OrderedDict()
+
+
+def _evaluation_step(model: PressNet, plan: EvalPlan, mesh: Mesh):
+  key = (model, plan.key(), mesh)
+  if key in _EVALUATION_STEPS:
+    _EVALUATION_STEPS.move_to_end(key)
+  else:
+    _EVALUATION_STEPS[key] = step_lib.parallel_step(
+        functools.partial(evaluate_batch, model=model, plan=plan), mesh,
+        out_specs=(PartitionSpec(), PartitionSpec(step_lib.DATA_AXIS),
+                   PartitionSpec(step_lib.DATA_AXIS)))
+    while len(_EVALUATION_STEPS) > MAX_CACHED_STEPS:
+      _EVALUATION_STEPS.popitem(last=False)
+  return _EVALUATION_STEPS[key]
+
+
 class Evaluator:
   """Accumulates one pass of `evaluate_batch` over a split and summarises it.
 
@@ -437,10 +467,7 @@ class Evaluator:
     self.mesh = step_lib.data_mesh() if mesh is None else mesh
     self.plan, self._table_rows = make_plan(model, gmac_per_exit, policy, with_calibration,
                                             with_sdr)
-    self._step = step_lib.parallel_step(
-        functools.partial(evaluate_batch, model=model, plan=self.plan), self.mesh,
-        out_specs=(PartitionSpec(), PartitionSpec(step_lib.DATA_AXIS),
-                   PartitionSpec(step_lib.DATA_AXIS)))
+    self._step = _evaluation_step(model, self.plan, self.mesh)
     self._params = None
     self.reset(params)
 

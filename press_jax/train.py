@@ -243,7 +243,9 @@ def train(
   saved_step = manager.latest_step()  # Orbax refuses to save a step twice.
 
   # train_history.json covers the whole run: rows of earlier calls up to the resumed step, then
-  # this call's rows; rewritten at every checkpoint so a killed run keeps its curve.
+  # this call's rows; rewritten before every checkpoint so a killed run keeps its curve (after
+  # it, a kill between the checkpoint's commit and the rewrite lost the rows; rows past the
+  # checkpoint a resume restarts from are dropped when it reads them).
   history_path = os.path.join(workdir, "train_history.json")
   earlier_history: list[dict[str, Any]] = []
   if resumed and is_lead_host and os.path.isfile(history_path):
@@ -261,12 +263,12 @@ def train(
     nonlocal saved_step
     if saved_step == step:
       return
+    write_history()
     iterator_state = train_iterator.get_state() if hasattr(train_iterator, "get_state") else None
     checkpointing.save(manager, state, iterator_state, meta)
     if config.wait_for_checkpoints:
       manager.wait_until_finished()
     saved_step = step
-    write_history()
 
   # --- loop -----------------------------------------------------------------------------------
   writer = summary.SummaryWriter(workdir, enabled=is_lead_host)

@@ -4,16 +4,16 @@ import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Compilation dominates the in-process tests as it does the workers' (tests/worker_util.py):
-# compile with XLA's backend optimisation off (unless PRESS_JAX_TEST_XLA_OPTIMIZE=1) and share
-# the session's persistent compilation cache, so programs rebuilt by later tests are reused.
-if os.environ.get("PRESS_JAX_TEST_XLA_OPTIMIZE") != "1":
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                             + " --xla_backend_optimization_level=0").strip()
+# compile with the workers' flags (worker_util.TEST_XLA_FLAGS; PRESS_JAX_TEST_XLA_OPTIMIZE=1 for
+# XLA's defaults) and share the session's persistent compilation cache, so programs rebuilt by
+# later tests are reused.
+from tests import worker_util  # noqa: E402  (stdlib and numpy only: JAX is not imported yet)
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " "
+                           + worker_util.TEST_XLA_FLAGS).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
-
-from tests import worker_util  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", worker_util.XLA_CACHE_DIR)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

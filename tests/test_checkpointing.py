@@ -1,7 +1,8 @@
 """Checkpoints of press_jax.train: exact resume after SIGKILL, restore onto fewer devices.
 
 Training runs in subprocesses with simulated CPU devices (tests/train_worker.py, mode `train`):
-the tiny preset, 4 utterances of 2000 samples per step, 10 steps, a checkpoint every 3 steps.
+train_worker.MODEL (the tiny preset, smaller), 4 utterances of 2000 samples per step, 10 steps,
+a checkpoint every 3 steps.
 XLA on CPU is deterministic, so a resumed run must end bit for bit where an uninterrupted one
 does.
 """
@@ -159,7 +160,7 @@ def test_uninterrupted_run_checkpoints(uninterrupted):
                                          if k.startswith(".params")}, "checkpoint vs final")
   meta = checkpointing.read_meta(str(workdir))
   assert meta["sample_rate"] == 8000 and meta["train"]["steps"] == STEPS
-  assert meta["model"]["width"] == 32
+  assert meta["model"]["width"] == train_worker.MODEL["width"] == 16
 
 
 @pytest.mark.parametrize("devices", [2, 1])

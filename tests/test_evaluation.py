@@ -242,6 +242,25 @@ def test_the_trainer_validation_is_the_evaluator_on_exits_only(summary):
     evaluator.run([], params=params)
 
 
+def test_evaluators_of_one_model_and_plan_share_one_compiled_step(summary):
+  """A second Evaluator of the same model, plan and mesh reuses the first one's jitted step (no
+  second trace or compilation); other params or calibrations are inputs, not a new program."""
+  model, params = perturbed_tiny()
+  gmacs = [c.gmac_per_s for c in compute.exit_costs(model.config)]
+  policy = evaluation.PolicySettings(target_dbs=(-300.0, 300.0), confidence=0.5)
+  first = evaluation.Evaluator(model, params, gmacs, policy, with_sdr=True)
+  traces = first._step._cache_size()
+  second = evaluation.Evaluator(model, jax.tree_util.tree_map(lambda x: x * 1.01, params),
+                                gmacs, policy, with_sdr=True)
+  assert second._step is first._step
+  second.run(batches())
+  assert first._step._cache_size() == traces >= 1  # The summary fixture's shapes: traced.
+  other = evaluation.Evaluator(model, params, gmacs, evaluation.PolicySettings(
+      target_dbs=(-300.0,), confidence=0.5))
+  assert other._step is not first._step
+  assert evaluation.Evaluator(model, params, gmacs, policy=None)._step is not first._step
+
+
 def test_calibration_counts_every_valid_block(summary):
   result, _ = summary
   # 2 batches x (a full utterance: 2 blocks of T = 2000 in 3200 samples, + a padded one whose

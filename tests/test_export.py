@@ -170,12 +170,34 @@ def round_trip(exported):
   return jax.export.deserialize(exported.serialize())
 
 
+def round_trip_checked(exported):
+  """The deserialised artefact, asserting it holds the exported program byte for byte."""
+  loaded = round_trip(exported)
+  assert loaded.mlir_module_serialized == exported.mlir_module_serialized
+  # Symbolic dimensions of two scopes never compare equal: compare them by name.
+  assert str(loaded.in_avals) == str(exported.in_avals)
+  assert str(loaded.out_avals) == str(exported.out_avals)
+  return loaded
+
+
+def assert_graph_equals_model(got, want, what, tolerance=1e-5):
+  """Graph outputs against the jitted model's at that exit; returns the worst relative error."""
+  worst = 0.0
+  for a, b in zip(got, want):
+    assert a.shape == b.shape, what
+    worst = max(worst, max_difference(a, b))
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=tolerance,
+                               atol=tolerance * max(1.0, float(np.abs(b).max())), err_msg=what)
+  return worst
+
+
 def test_stablehlo_round_trip_equals_jax_every_graph():
-  """Three lengths and two batch sizes, the all-exits graph and every per-exit graph."""
+  """Three lengths and two batch sizes, the all-exits graph and every per-exit graph, against
+  the jitted model with the graphs' recurrence kernel (per-exit graphs: that exit of it)."""
   model, params = model_and_params("three_stages_per_group")
-  graphs = {0: round_trip(stablehlo.export_all_exits(model, params))}
+  graphs = {0: round_trip_checked(stablehlo.export_all_exits(model, params))}
   for k in range(1, model.config.exits + 1):
-    graphs[k] = round_trip(stablehlo.export_exit(model, params, k))
+    graphs[k] = round_trip_checked(stablehlo.export_exit(model, params, k))
   traced = export_model(model)  # The same network with the graphs' recurrence kernel.
   worst = {}
   for batch, samples in SHAPES:
@@ -183,22 +205,13 @@ def test_stablehlo_round_trip_equals_jax_every_graph():
     full = _apply(traced, params, mixture, mask)
     full = (full.mean, full.log_var, full.log_alpha)
     for k, graph in graphs.items():
-      got = stablehlo.call(graph, mixture, mask)
-      if k == 0:
-        want, model_want = full, full
-      else:
-        one = _through_exit(traced, params, mixture, mask, k)
-        want = (one.mean[0], one.log_var[0], one.log_alpha[0])
-        model_want = tuple(x[k - 1] for x in full)
-      for a, b, c in zip(got, want, model_want):
-        assert a.shape == b.shape, (k, batch, samples)
-        worst[k] = max(worst.get(k, 0.0), max_difference(a, b))
-        np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=1e-5,
-                                   atol=1e-5 * max(1.0, float(np.abs(c).max())))
-  # Bit-exact with the test suite's XLA flags (conftest.py); ~1e-7 relative at XLA's default
-  # optimisation, which fuses the graph with embedded parameters differently.
+      want = full if k == 0 else tuple(x[k - 1] for x in full)
+      worst[k] = max(worst.get(k, 0.0), assert_graph_equals_model(
+          stablehlo.call(graph, mixture, mask), want, f"graph {k}, shape {(batch, samples)}"))
+  # The graph embeds the parameters as constants and a per-exit graph stops at its exit: XLA
+  # fuses them differently from the jitted model, so float32 rounding differs (docs/export.md).
   print("max |StableHLO - jitted JAX| / max(1, |JAX|) per graph (0 = all exits):", worst)
-  assert max(worst.values()) <= 1e-6, worst
+  assert max(worst.values()) <= 5e-6, worst
 
 
 @pytest.mark.parametrize("name", ["one_stage_per_group", "mask_head_cumulative",
@@ -207,14 +220,15 @@ def test_stablehlo_round_trip_other_layouts(name):
   model, params = model_and_params(name)
   mixture, mask = inputs(2, 1001)
   full = _apply(export_model(model), params, mixture, mask)
-  got = stablehlo.call(round_trip(stablehlo.export_all_exits(model, params)), mixture, mask)
-  for a, b in zip(got, (full.mean, full.log_var, full.log_alpha)):
-    assert max_difference(a, b) <= 1e-6
+  full = (full.mean, full.log_var, full.log_alpha)
+  got = stablehlo.call(round_trip_checked(stablehlo.export_all_exits(model, params)),
+                       mixture, mask)
+  assert assert_graph_equals_model(got, full, f"{name}: all exits") <= 5e-6
   k = model.config.exits
-  got = stablehlo.call(round_trip(stablehlo.export_exit(model, params, k)), mixture, mask)
-  one = _through_exit(export_model(model), params, mixture, mask, k)
-  for a, b in zip(got, (one.mean[0], one.log_var[0], one.log_alpha[0])):
-    assert max_difference(a, b) <= 1e-6
+  got = stablehlo.call(round_trip_checked(stablehlo.export_exit(model, params, k)),
+                       mixture, mask)
+  last = tuple(x[k - 1] for x in full)
+  assert assert_graph_equals_model(got, last, f"{name}: exit {k}") <= 5e-6
 
 
 def test_per_exit_graphs_hold_only_what_the_exit_needs():

@@ -1,8 +1,9 @@
 """press_jax.train.train end to end, in the style of the Flax examples' mock-data tests.
 
 One subprocess with 2 simulated CPU devices runs, in order (tests/train_worker.py, mode train):
-  A  10 steps of the tiny preset into workdir `main`: eval every 4 steps on a mock eval
-     iterator, a checkpoint every 3 (keep 2), a NaN in device 1's shard of batches 1 and 3;
+  A  10 steps of train_worker.MODEL (the tiny preset, smaller) into workdir `main`: eval every
+     4 steps on a mock eval iterator, a checkpoint every 3 (keep 2), a NaN in device 1's shard
+     of batches 1 and 3;
   B  the same workdir with steps=12: resumes from A's last checkpoint;
   C  a fresh workdir whose batches 2 and 3 are NaN, with max_consecutive_nonfinite=2;
   D  run A again in a fresh workdir with log_every=5 and asynchronous checkpoint writes
@@ -180,7 +181,7 @@ def test_tensorboard_events(runs):
 
 def test_load_model_from_workdir_evaluates(runs):
   model, params = checkpointing.load_model(str(runs["main"]))
-  assert model.config == press_net.create("tiny").config
+  assert model.config == press_net.create("tiny", **train_worker.MODEL).config
   saved = {".params" + k: v for k, v in worker_util.flatten_tree(params).items()}
   worker_util.assert_trees_equal(
       saved, {k: v for k, v in runs["B_state"].items() if k.startswith(".params")},
@@ -199,7 +200,7 @@ def test_model_dir_load_of_a_training_workdir(runs):
   loaded = model_dir.load(str(runs["main"]))
   assert loaded.kind == "checkpoint" and loaded.calibration is None
   model, params = loaded.model, loaded.params
-  assert model.config == press_net.create("tiny").config
+  assert model.config == press_net.create("tiny", **train_worker.MODEL).config
   # The model itself reads parameter files only, never run directories.
   with pytest.raises(FileNotFoundError, match="press_jax.model_dir.load"):
     press_net.load(str(runs["main"]))

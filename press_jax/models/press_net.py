@@ -530,10 +530,18 @@ def create(preset: str | config_lib.PressConfig = "S", **overrides) -> PressNet:
   return PressNet(config_lib.preset(preset, **overrides))
 
 
+@functools.partial(jax.jit, static_argnums=(0, 2))
+def _init(model: PressNet, key: jax.Array, samples: int):
+  return model.init(key, jnp.zeros((1, samples), jnp.float32))["params"]
+
+
 def init_params(model: PressNet, key: jax.Array, samples: int | None = None):
-  """Initial parameters; `samples` only sets the dummy input length (default: one block)."""
-  samples = samples or model.config.block_length
-  return jax.jit(model.init)(key, jnp.zeros((1, samples), jnp.float32))["params"]
+  """Initial parameters; `samples` only sets the dummy input length (default: one block).
+
+  One jitted init per (model, samples), traced once per process: a new `jax.jit(model.init)`
+  per call traced the whole network again (~2 s for the tiny preset).
+  """
+  return _init(model, key, samples or model.config.block_length)
 
 
 @functools.lru_cache(maxsize=64)
