@@ -133,9 +133,9 @@ REPLAN_MARGIN = 0.97  # Plan for this share of the projected steps (checkpoints,
 REPLAN_TOLERANCE = 0.98  # Re-plan only if the projection is below this share of the plan.
 # A shortened plan grows back (towards `steps`, once per call) when the projection exceeds it
 # by this factor: a plan made at the first measured rate leaves time unused on a machine that
-# then runs faster (the demo: 56 of its 540 s), and growing costs a recompilation (~10 s).
+# then runs faster (the demo: 56 of its 540 s).
 REPLAN_GROWTH = 1.05
-GROWTH_ROWS = 4  # Log rows of rate since the last (re)compilation before a plan may grow.
+GROWTH_ROWS = 4  # Log rows of measured rate (past the compilation) before a plan may grow.
 
 
 def read_schedule(workdir: str) -> dict[str, Any] | None:
@@ -216,7 +216,8 @@ def train(
     os.remove(os.path.join(workdir, SCHEDULE_FILE))  # A plan without a checkpoint: start over.
   replans = plan["replans"] if plan else ()
   plan_steps = plan["steps"] if plan else config.steps
-  optimizer = optim.make_optimizer(config.optimizer, replans)
+  # The re-plans are an input of the step (optim.replan_table), not part of its program.
+  optimizer = optim.make_optimizer(config.optimizer)
   schedule = optim.learning_rate_schedule(config.optimizer, replans)
 
   state = step_lib.create_train_state(model, optimizer, config.seed)
@@ -235,8 +236,14 @@ def train(
   state = jax.device_put(state, step_lib.replicated(mesh))
 
   # --- data and step functions -----------------------------------------------------------------
-  step_fn = step_lib.parallel_train_step(mesh, model=model, loss_config=loss_config,
-                                         optimizer=optimizer)
+  step_fn = step_lib.parallel_train_step(mesh, with_learning_rate_plan=True, model=model,
+                                         loss_config=loss_config, optimizer=optimizer)
+
+  def replicated_plan():
+    return jax.device_put(optim.replan_table(config.optimizer, replans),
+                          step_lib.replicated(mesh))
+
+  plan_table = replicated_plan()
   # The one evaluator, exits only; built once: compiled on first use only.
   validator = evaluation.Evaluator(model, policy=None, with_calibration=False, mesh=mesh)
 
@@ -283,18 +290,14 @@ def train(
   window_sums: dict[str, np.ndarray] = {}  # Sums over the finite steps since the last row.
   window_finite = 0
   # steps/s of this call since its first log row (which holds the compilation), at each later
-  # row: a cumulative rate, so one slow window (a validation pass, the recompilation after a
-  # re-plan) does not shorten the plan.
+  # row: a cumulative rate, so one slow window (a validation pass, a checkpoint) does not
+  # shorten the plan. A re-plan compiles nothing (the table is an input of the step).
   rates: list[float] = []
   rate_origin: tuple[int, float] | None = None
-  replans_this_call: list[int] = []
-  grown = False  # Whether this call grew its plan (once at most: each re-plan recompiles).
-  first_window: tuple[int, float] | None = None  # (steps, s) of the first row: the compilation.
-  compile_s = 0.0  # Its excess over the steady rate: what a re-plan's recompilation will cost.
+  grown = False  # Whether this call grew its plan (once at most: a plan that rarely changes).
 
   def handle(step_number, metrics):
     nonlocal window_start, window_step, window_sums, window_finite, rate_origin
-    nonlocal first_window, compile_s
     metrics = jax.device_get(metrics)
     if int(metrics["consecutive_nonfinite"]) >= config.max_consecutive_nonfinite:
       raise NonFiniteTrainingError(
@@ -326,12 +329,8 @@ def train(
       progress.log(row)
       if rate_origin is None:
         rate_origin = (step_number, now)
-        if first_window is None:
-          first_window = (step_number - window_step, now - window_start)
       else:
         rates.append((step_number - rate_origin[0]) / max(now - rate_origin[1], 1e-9))
-        if len(rates) == 1 and not replans_this_call:
-          compile_s = max(first_window[1] - first_window[0] / rates[0], 0.0)
       window_start, window_step = now, step_number
 
   def maybe_replan():
@@ -341,9 +340,9 @@ def train(
     Single-process runs only: hosts measure their own rates and would decide differently (a
     multi-host run keeps its plan and stops at the time limit, as without this option).
     """
-    nonlocal plan_steps, replans, optimizer, schedule, step_fn, rate_origin, grown
+    nonlocal plan_steps, replans, schedule, plan_table, grown
     if (not config.anneal_to_time_limit or not config.time_limit_s or not rates
-        or jax.process_count() > 1):
+        or jax.process_count() > 1 or len(replans) >= optim.MAX_REPLANS):
       return  # No rate past the compilation yet; multi-host runs keep their plan.
     remaining = config.time_limit_s - (time.perf_counter() - started)
     projected = replanned_steps(step, rates[-1], remaining)
@@ -352,8 +351,7 @@ def train(
             and projected >= plan_steps * REPLAN_GROWTH)
     if not (shrink or grow):
       return  # The plan fits, and no more than it would.
-    # A re-plan recompiles the step: the new plan leaves the first compilation's time for it.
-    steps = min(replanned_steps(step, rates[-1], remaining - compile_s), config.steps)
+    steps = min(replanned_steps(step, rates[-1], remaining), config.steps)
     accumulation = config.optimizer.accumulation_steps
     total = replans[-1][1] if replans else config.optimizer.total_steps
     new_total = min(config.optimizer.total_steps, steps // accumulation)
@@ -363,16 +361,11 @@ def train(
     grown = grown or grow
     replans = replans + ((update, new_total),)
     plan_steps = steps
-    optimizer = optim.make_optimizer(config.optimizer, replans)
+    # The same compiled step goes on with the new table: nothing to recompile, and the rate
+    # keeps being measured from this call's first row past the compilation.
     schedule = optim.learning_rate_schedule(config.optimizer, replans)
-    step_fn = step_lib.parallel_train_step(mesh, model=model, loss_config=loss_config,
-                                           optimizer=optimizer)
+    plan_table = replicated_plan()
     rate = rates[-1]
-    replans_this_call.append(update)
-    # The next window holds the recompilation: measure the rate afresh from the row after it,
-    # or its cost would read as a slower machine and shorten the plan again (and again).
-    rates.clear()
-    rate_origin = None
     meta["schedule"] = {"steps": plan_steps, "replans": [list(p) for p in replans]}
     if is_lead_host:
       _write_schedule(workdir, plan_steps, replans)
@@ -394,7 +387,7 @@ def train(
   try:
     while step < plan_steps:
       local_batch = next(train_iterator)
-      state, metrics = step_fn(state, step_lib.global_batch(mesh, local_batch))
+      state, metrics = step_fn(state, step_lib.global_batch(mesh, local_batch), plan_table)
       step += 1
       if pending is not None:
         handle_then_replan(*pending)

@@ -58,13 +58,18 @@ def create_train_state(model: PressNet, optimizer: optax.GradientTransformation,
 def train_step(
     state: TrainState,
     batch: Batch,
+    learning_rate_plan: jax.Array | None = None,
     *,
     model: PressNet,
     loss_config: likelihoods.LossConfig,
     optimizer: optax.GradientTransformation,
     axis_name: str | None = DATA_AXIS,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimiser step on one device's batch; a non-finite loss or gradient changes nothing."""
+  """One optimiser step on one device's batch; a non-finite loss or gradient changes nothing.
+
+  `learning_rate_plan`: an `optim.replan_table` for `optim.make_optimizer`'s update (the
+  schedule's re-plans as data); None keeps the optimiser's own.
+  """
   mixture, sources, mask = batch["mixture"], batch["sources"], batch["mask"]
 
   def loss_fn(params):
@@ -84,7 +89,8 @@ def train_step(
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(step_metrics["loss"]) & jnp.isfinite(grad_norm)
 
-  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params)
+  extra = {} if learning_rate_plan is None else {"learning_rate_plan": learning_rate_plan}
+  updates, new_opt_state = optimizer.update(grads, state.opt_state, state.params, **extra)
   new_params = optax.apply_updates(state.params, updates)
   keep_if_finite = functools.partial(jax.tree_util.tree_map,
                                      lambda new, old: jnp.where(finite, new, old))
@@ -111,31 +117,37 @@ def data_mesh(devices=None) -> Mesh:
 def _drop_device_axis(function: Callable) -> Callable:
   """Adapt a per-device step to shard_map's local (1, ...) leading axis of the batch."""
 
-  def wrapped(state, batch):
-    return function(state, jax.tree_util.tree_map(lambda x: x[0], batch))
+  def wrapped(state, batch, *replicated):
+    return function(state, jax.tree_util.tree_map(lambda x: x[0], batch), *replicated)
 
   return wrapped
 
 
 def parallel_step(step: Callable, mesh: Mesh, donate_state: bool = False,
-                  out_specs: Any = PartitionSpec()) -> Callable:
+                  out_specs: Any = PartitionSpec(), replicated_inputs: int = 0) -> Callable:
   """jit(shard_map(step)): state replicated, batch (devices, per_device_batch, ...) sharded.
 
   `out_specs` (a prefix of the outputs' tree): PartitionSpec() for values that are the same on
   every device (psum / pmean results), PartitionSpec(DATA_AXIS) for per-example outputs: each
   device's (per_device_batch, ...) rows are concatenated into a global (devices *
   per_device_batch, ...) array in device order (the loaders' flattening order).
+  `replicated_inputs`: that many more arguments after the batch, replicated like the state.
   """
   sharded = jax.shard_map(
       _drop_device_axis(step), mesh=mesh,
-      in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS)),
+      in_specs=(PartitionSpec(), PartitionSpec(DATA_AXIS)) + (PartitionSpec(),) * (
+          replicated_inputs),
       out_specs=out_specs, check_vma=False)
   return jax.jit(sharded, donate_argnums=(0,) if donate_state else ())
 
 
-def parallel_train_step(mesh: Mesh, **step_arguments) -> Callable:
-  """The per-device `train_step` over every device of `mesh`."""
-  return parallel_step(functools.partial(train_step, **step_arguments), mesh, donate_state=True)
+def parallel_train_step(mesh: Mesh, with_learning_rate_plan: bool = False,
+                        **step_arguments) -> Callable:
+  """The per-device `train_step` over every device of `mesh`: step(state, batch), or with
+  `with_learning_rate_plan` step(state, batch, plan), the plan an `optim.replan_table`
+  replicated over `mesh` (the trainer's: a re-plan changes the input, not the program)."""
+  return parallel_step(functools.partial(train_step, **step_arguments), mesh, donate_state=True,
+                       replicated_inputs=int(with_learning_rate_plan))
 
 
 def pmap_train_step(**step_arguments) -> Callable:

@@ -13,6 +13,7 @@ import pytest
 
 from press_jax import optim
 from press_jax import train as train_lib
+from press_jax import train_step as step_lib
 from tests import mock_data
 from tests.model_util import SMALL
 
@@ -58,6 +59,40 @@ def test_bad_replans_are_refused(replans):
     optim.learning_rate_schedule(config, replans)
 
 
+def test_a_plan_given_as_data_equals_the_plan_built_in():
+  """The trainer passes the re-plans as a table (one compiled step for every plan): the
+  updates equal an optimiser built with those re-plans, at every update count, and the state
+  keeps optax.scale_by_learning_rate's layout (checkpoints of either restore into the other)."""
+  import jax
+  import jax.numpy as jnp
+  import optax
+
+  config = optim.OptimizerConfig(peak_learning_rate=2e-3, warmup_steps=10, total_steps=110,
+                                 clip_norm=1e9, weight_decay=0.0)
+  replans = ((60, 80), (70, 100))
+  params = {"kernel": jnp.full((3,), 0.5), "bias": jnp.zeros((2,))}
+  grads = jax.tree_util.tree_map(jnp.ones_like, params)
+  as_data, built_in = optim.make_optimizer(config), optim.make_optimizer(config, replans)
+  table = jnp.asarray(optim.replan_table(config, replans))
+  step_with_table = jax.jit(lambda state: as_data.update(grads, state, params,
+                                                         learning_rate_plan=table))
+  step_built_in = jax.jit(lambda state: built_in.update(grads, state, params))
+  state_a, state_b = as_data.init(params), built_in.init(params)
+  for count in range(105):
+    (updates_a, state_a), (updates_b, state_b) = step_with_table(state_a), step_built_in(state_b)
+    for a, b in zip(jax.tree_util.tree_leaves(updates_a), jax.tree_util.tree_leaves(updates_b)):
+      np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=f"update {count}")
+  reference = optax.chain(
+      optax.flatten(optax.chain(optax.clip_by_global_norm(1.0), optax.scale_by_adam())),
+      optax.add_decayed_weights(0.01, mask=optim.decay_mask),
+      optax.scale_by_learning_rate(optim.learning_rate_schedule(config, replans)))
+  assert (jax.tree_util.tree_structure(as_data.init(params))
+          == jax.tree_util.tree_structure(reference.init(params)))
+  with pytest.raises(ValueError, match=f"at most {optim.MAX_REPLANS}"):
+    optim.replan_table(optim.OptimizerConfig(warmup_steps=0, total_steps=10**6),
+                       tuple((u, 10**6 - u) for u in range(1, optim.MAX_REPLANS + 2)))
+
+
 def test_replanned_steps_projects_with_a_margin():
   assert train_lib.replanned_steps(100, 10.0, 50.0) == 100 + int(10 * 50 * train_lib.REPLAN_MARGIN)
   assert train_lib.replanned_steps(100, 10.0, -5.0) == 100  # Out of time: stop here.
@@ -98,9 +133,10 @@ def replanned_run(tmp_path_factory):
 
 def test_the_run_ends_at_the_replanned_step_with_the_rate_at_zero(replanned_run):
   workdir, result, calls = replanned_run
-  # The first row (step 2) holds the compilation: no decision from it. After the re-plan at
-  # step 4 the row at 6 holds the recompilation (no decision either); the next is at step 8.
-  assert sorted(set(calls)) == [4, 8]
+  # The first row (step 2) holds the compilation: no decision from it. The re-plan at step 4
+  # compiles nothing, so the next rows decide again: row 6 (read once step 7 is dispatched, the
+  # step the projection is given) and row 8, the last, keep the plan.
+  assert sorted(set(calls)) == [4, 7, 8]
   assert result.planned_steps == 8 and result.replans == ((4, 8),)
   assert not result.stopped_early
   rows = [row for row in result.history if "loss" in row]
@@ -133,31 +169,40 @@ def grow_config(steps=24):
 
 def test_a_shortened_plan_grows_back_once_when_more_fits(tmp_path, monkeypatch):
   """24 planned steps; at step 4 the projection says 16 fit (shortened); later 22 fit (the
-  machine got faster). After the recompilation's row (6) the rate needs GROWTH_ROWS rows
-  (8..14) before the plan may grow: it grows to 22 on row 14's decision, made once step 15 is
-  dispatched (update 15), once, and the rate still ends at 0 there."""
-  decisions = []
+  machine got faster). The rate needs GROWTH_ROWS rows past the compilation (4..10) before the
+  plan may grow: it grows to 22 on row 10's decision, made once step 11 is dispatched (update
+  11), once, and the rate still ends at 0 there. Both re-plans run on the one compiled step."""
+  decisions, built = [], []
 
   def projection(step, rate, remaining_s):
     decisions.append(step)
     return 16 if step <= 4 else 22
+
+  original = step_lib.parallel_train_step
+
+  def parallel_train_step(*args, **kwargs):
+    built.append(original(*args, **kwargs))
+    return built[-1]
   monkeypatch.setattr(train_lib, "replanned_steps", projection)
   monkeypatch.setattr(train_lib, "GROWTH_ROWS", 4)
+  monkeypatch.setattr(train_lib.step_lib, "parallel_train_step", parallel_train_step)
   result = train_lib.train(grow_config(), str(tmp_path / "grow"), iterator())
-  replans = ((4, 16), (15, 22))
+  replans = ((4, 16), (11, 22))
   assert result.replans == replans and result.planned_steps == 22
   assert not result.stopped_early
+  # One step function, traced (and compiled) once: the re-plans changed its input only.
+  assert len(built) == 1 and built[0]._cache_size() == 1
   rows = [row for row in result.history if "loss" in row]
   assert rows[-1]["step"] == 22
   for row in rows:
     np.testing.assert_allclose(
         row["learning_rate"], reference_rate(row["step"] - 1, 1e-3, 2, 24, replans), rtol=1e-6)
   assert reference_rate(22, 1e-3, 2, 24, replans) == 0.0
-  # Rows between the two re-plans decided but had too little rate to grow; after growing, later
+  # Rows between the two re-plans decided but had too few rows to grow; after growing, later
   # rows still decide and change nothing.
-  assert any(4 < d < 15 for d in decisions) and any(d > 15 for d in decisions)
+  assert any(4 < d < 11 for d in decisions) and any(d > 11 for d in decisions)
   assert [row["replan"] for row in result.history if "replan" in row][-1] == {
-      "steps": 22, "update": 15, "total_updates": 22}
+      "steps": 22, "update": 11, "total_updates": 22}
 
 
 def test_a_plan_never_grows_past_its_steps(tmp_path, monkeypatch):
@@ -165,7 +210,7 @@ def test_a_plan_never_grows_past_its_steps(tmp_path, monkeypatch):
                       lambda step, rate, remaining: 16 if step <= 4 else 100)
   monkeypatch.setattr(train_lib, "GROWTH_ROWS", 4)
   result = train_lib.train(grow_config(), str(tmp_path / "capped"), iterator())
-  assert result.replans == ((4, 16), (15, 24)) and result.planned_steps == 24
+  assert result.replans == ((4, 16), (11, 24)) and result.planned_steps == 24
 
 
 def test_without_the_option_the_plan_is_kept(tmp_path, monkeypatch):
