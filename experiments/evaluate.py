@@ -19,7 +19,7 @@ import os
 import jax
 
 from experiments import configs, main
-from press_jax import distributed, model_dir
+from press_jax import compilation_cache, distributed, model_dir
 
 
 def main_cli(argv=None):
@@ -37,6 +37,7 @@ def main_cli(argv=None):
   parser.add_argument("--num-processes", type=int)
   parser.add_argument("--process-id", type=int)
   args, experiment = configs.parse_command_line(parser, argv)
+  compilation_cache.enable()
   distributed.initialize_from_flags_or_environment(
       args.coordinator_address, args.num_processes, args.process_id)
   try:

@@ -33,7 +33,7 @@ import numpy as np
 
 import data_pipelines
 from experiments import configs, plots
-from press_jax import checkpointing, compute, distributed, evaluation, optim
+from press_jax import checkpointing, compilation_cache, compute, distributed, evaluation, optim
 from press_jax import model_dir as model_dir_lib
 from press_jax import train as train_lib
 from press_jax.models import press_net
@@ -294,6 +294,7 @@ def main(argv=None):
   parser.add_argument("--process-id", type=int)
   args, experiment = configs.parse_command_line(parser, argv)
   logging.basicConfig(level=logging.WARNING)
+  compilation_cache.enable()  # A re-run or a resumed run loads its programs from disk.
   distributed.initialize_from_flags_or_environment(
       args.coordinator_address, args.num_processes, args.process_id)
   run(experiment, args.workdir)

@@ -16,6 +16,9 @@ import jax  # noqa: E402
 import pytest  # noqa: E402
 
 jax.config.update("jax_compilation_cache_dir", worker_util.XLA_CACHE_DIR)
+# Command-line runs started by tests (press-separate, the main job) use it too, never the
+# user's cache (press_jax/compilation_cache.py keeps a configured cache).
+os.environ["JAX_COMPILATION_CACHE_DIR"] = worker_util.XLA_CACHE_DIR
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 

@@ -110,7 +110,8 @@ def main(argv=None) -> int:
   if problem:
     return fail(f"--out {problem}")
 
-  from press_jax import model_dir
+  from press_jax import compilation_cache, model_dir
+  compilation_cache.enable()
   try:
     loaded = model_dir.load(arguments.model)
   except model_dir.ModelDirError as error:

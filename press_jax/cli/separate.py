@@ -185,7 +185,8 @@ def main(argv=None) -> int:
   if error:
     return fail(error)
 
-  from press_jax import audio, model_dir, separation  # Imports JAX: after the cheap checks.
+  from press_jax import audio, compilation_cache, model_dir, separation  # JAX: after the checks.
+  compilation_cache.enable()
   try:
     loaded = model_dir.load(arguments.model)
   except model_dir.ModelDirError as error:
