@@ -14,6 +14,14 @@ Compilation dominates these tests (20-40 s per train-step program on two busy CP
   loop emitters instead of its fusion emitters (the tiny train step: 6.4 -> 3.1 s to compile,
   0.09 -> 0.13 s per step). Every comparison is between programs built the same way. Set
   PRESS_JAX_TEST_XLA_OPTIMIZE=1 to test with XLA's defaults instead.
+
+Simulated devices share the machine's cores, and XLA's CPU client runs them on two thread pools
+of max(cores, devices) threads (`xla/pjrt/cpu/cpu_client.cc`); a device waiting in a collective
+holds a thread of one of them. On a loaded 2-core CI machine a 4-device worker once aborted in
+XLA's rendezvous ("Expected 4 threads to join the rendezvous, but only 3 of them arrived" after
+its 40-s termination timeout; CI of 2026-12-07). So multi-device workers get pools with spare
+threads (NPROC, which XLA's DefaultThreadPoolSize reads) and COLLECTIVE_XLA_FLAGS: a straggler
+has 240 s to arrive, and a true hang still fails the test by its own timeout, with the log.
 """
 
 from __future__ import annotations
@@ -51,16 +59,21 @@ XLA_CACHE_DIR = _cache_dir()
 
 TEST_XLA_FLAGS = ("" if os.environ.get("PRESS_JAX_TEST_XLA_OPTIMIZE") == "1" else
                   "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false")
+COLLECTIVE_XLA_FLAGS = ("--xla_cpu_collective_call_warn_stuck_timeout_seconds=60 "
+                        "--xla_cpu_collective_call_terminate_timeout_seconds=240")
 
 
 def worker_env(devices: int) -> dict[str, str]:
   env = dict(os.environ)
   env.update(
       JAX_PLATFORMS="cpu",
-      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}".strip(),
+      XLA_FLAGS=" ".join([f"--xla_force_host_platform_device_count={devices}", TEST_XLA_FLAGS,
+                          COLLECTIVE_XLA_FLAGS if devices > 1 else ""]).strip(),
       PRESS_JAX_TEST_XLA_CACHE=XLA_CACHE_DIR,
       PYTHONPATH=REPO_ROOT + os.pathsep + env.get("PYTHONPATH", ""),
       PYTHONUNBUFFERED="1")
+  if devices > 1:
+    env["NPROC"] = str(max(os.cpu_count() or 1, 2 * devices))
   # A worker joins a multi-process run only as its test says (flags or SLURM-style variables
   # in extra_env), not because the test session itself runs inside a SLURM job.
   for name in list(env):
