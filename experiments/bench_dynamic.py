@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_step, configs, main as main_job
-from press_jax import exit_rule, metrics, model_dir, separation
+from press_jax import allocator, exit_rule, metrics, model_dir, separation
 from press_jax.models import press_net
 
 
@@ -284,7 +284,8 @@ def main(argv=None) -> int:
                  f"{','.join(exit_rule.CONDITIONS)}, got {args.conditions!r}")
   if args.utterances < 1:
     parser.error("--utterances must be >= 1")
-  result = {}
+  # As press-separate runs (press_jax/allocator.py; PRESS_JAX_MALLOC=off to measure without).
+  result = {"allocator": allocator.configure()}
   if not args.no_sweep:
     try:
       loaded = model_dir.load(args.model_dir)

@@ -53,6 +53,7 @@ import jax
 import numpy as np
 
 from experiments import bench_step, configs
+from press_jax import allocator
 from press_jax import train_step as step_lib
 from press_jax.export import forward
 from press_jax.export import onnx_graphs
@@ -330,10 +331,12 @@ def main(argv=None) -> int:
       configs.config_file(name)
     except ValueError as error:
       parser.error(f"--configs: {error}")
+  malloc = allocator.configure()  # For every runtime of the process (press_jax/allocator.py).
   for name in names:
     result = bench_config(name, crop_seconds=args.crop_seconds,
                           audio_seconds=args.audio_seconds, repeats=args.repeats,
                           seed=args.seed, torch_compile=not args.no_torch_compile)
+    result["allocator"] = malloc
     print(json.dumps(result) if args.json else format_result(result), flush=True)
   return 0
 

@@ -95,7 +95,7 @@ import numpy as np
 import optax
 
 from experiments import configs
-from press_jax import likelihoods, optim
+from press_jax import allocator, likelihoods, optim
 from press_jax import train_step as step_lib
 from press_jax.models import layers, press_net
 from press_jax.models import recurrence as recurrence_lib
@@ -747,6 +747,8 @@ def main(argv=None) -> int:
     parser.error("--repeats must be >= 1")
   if args.shape is not None and not args.recurrence:
     parser.error("--shape only applies with --recurrence")
+  malloc = allocator.configure()  # As the library's entry points run (PRESS_JAX_MALLOC=off: not).
+  log(f"host allocator: {malloc} (press_jax/allocator.py)")
 
   if args.recurrence:
     config_shape, chunk = recurrence_setup(args.config, args.config_overrides)
@@ -765,6 +767,7 @@ def main(argv=None) -> int:
 
   result = bench_step(args.config, args.config_overrides, args.repeats, args.seed,
                       parts=not args.no_parts, profile=args.profile)
+  result["allocator"] = malloc
   print(json.dumps(result) if args.json else format_step(result))
   return 0
 

@@ -254,8 +254,11 @@ def main(argv=None) -> int:
     parser.error("--steps and --batch-per-device must be >= 1, --warmup >= 0")
 
   if args.worker:
+    from press_jax import allocator  # noqa: PLC0415 (the worker's own process)
+    malloc = allocator.configure()  # As the trainer's entry point runs (press_jax/allocator.py).
     row = measure(args.preset, args.crop_seconds, args.batch_per_device, args.steps,
                   args.warmup, args.flops, args.unrolled_flops, args.remat)
+    row["allocator"] = malloc
     print(json.dumps(row), flush=True)
     return 0
 

@@ -17,7 +17,7 @@ import os
 import time
 
 from experiments import configs, main
-from press_jax import checkpointing, evaluation
+from press_jax import allocator, checkpointing, evaluation
 
 
 def probe(experiment: configs.ExperimentConfig, workdir: str, seconds: float) -> dict:
@@ -49,6 +49,7 @@ def main_cli(argv=None):
   args, experiment = configs.parse_command_line(parser, argv)
   if args.seconds <= 0:
     parser.error(f"--seconds must be positive, got {args.seconds}")
+  allocator.configure()  # As the main job trains (press_jax/allocator.py).
   row = {"config": args.config, "sets": args.config_overrides, **probe(experiment, args.workdir, args.seconds)}
   print(json.dumps(row), flush=True)
   os.makedirs(os.path.dirname(os.path.abspath(args.results)), exist_ok=True)

@@ -23,7 +23,7 @@ import jax
 import numpy as np
 
 from experiments import configs, main, plots
-from press_jax import calibration, compilation_cache, compute, evaluation, model_dir
+from press_jax import allocator, calibration, compilation_cache, compute, evaluation, model_dir
 
 
 def evaluate_split(experiment, loaded, split, max_batches, post_calibration=None):
@@ -103,6 +103,7 @@ def main_cli(argv=None):
                       help="one pair of factors for all exits instead of one per exit")
   args, experiment = configs.parse_command_line(parser, argv)
   compilation_cache.enable()
+  allocator.configure()
   try:
     loaded = model_dir.load(args.model_dir)
   except model_dir.ModelDirError as error:

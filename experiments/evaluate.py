@@ -19,7 +19,7 @@ import os
 import jax
 
 from experiments import configs, main
-from press_jax import compilation_cache, distributed, model_dir
+from press_jax import allocator, compilation_cache, distributed, model_dir
 
 
 def main_cli(argv=None):
@@ -38,6 +38,7 @@ def main_cli(argv=None):
   parser.add_argument("--process-id", type=int)
   args, experiment = configs.parse_command_line(parser, argv)
   compilation_cache.enable()
+  allocator.configure()
   distributed.initialize_from_flags_or_environment(
       args.coordinator_address, args.num_processes, args.process_id)
   try:

@@ -33,7 +33,8 @@ import numpy as np
 
 import data_pipelines
 from experiments import configs, plots
-from press_jax import checkpointing, compilation_cache, compute, distributed, evaluation, optim
+from press_jax import (allocator, checkpointing, compilation_cache, compute, distributed, evaluation,
+                       optim)
 from press_jax import model_dir as model_dir_lib
 from press_jax import train as train_lib
 from press_jax.models import press_net
@@ -295,6 +296,7 @@ def main(argv=None):
   args, experiment = configs.parse_command_line(parser, argv)
   logging.basicConfig(level=logging.WARNING)
   compilation_cache.enable()  # A re-run or a resumed run loads its programs from disk.
+  allocator.configure()  # Large host buffers without page faults (press_jax/allocator.py).
   distributed.initialize_from_flags_or_environment(
       args.coordinator_address, args.num_processes, args.process_id)
   run(experiment, args.workdir)

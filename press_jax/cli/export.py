@@ -110,8 +110,9 @@ def main(argv=None) -> int:
   if problem:
     return fail(f"--out {problem}")
 
-  from press_jax import compilation_cache, model_dir
+  from press_jax import allocator, compilation_cache, model_dir
   compilation_cache.enable()
+  allocator.configure()
   try:
     loaded = model_dir.load(arguments.model)
   except model_dir.ModelDirError as error:

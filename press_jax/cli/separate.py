@@ -185,8 +185,10 @@ def main(argv=None) -> int:
   if error:
     return fail(error)
 
-  from press_jax import audio, compilation_cache, model_dir, separation  # JAX: after the checks.
+  from press_jax import (  # JAX: after the checks.
+      allocator, audio, compilation_cache, model_dir, separation)
   compilation_cache.enable()
+  allocator.configure()
   try:
     loaded = model_dir.load(arguments.model)
   except model_dir.ModelDirError as error:

@@ -1,0 +1,84 @@
+"""glibc malloc settings that keep XLA:CPU's large buffers off the page-fault path.
+
+XLA:CPU allocates every output buffer with the C allocator. glibc serves blocks above its mmap
+threshold (at most 32 MiB) with a fresh `mmap` and gives them back with `munmap` when freed,
+and it returns the top of its heaps to the system past `M_TRIM_THRESHOLD`: so a program that
+writes large arrays touches new pages on every call, one minor page fault per 4 KiB, and the
+kernel's zeroing of those pages shows as system time. Measured on this project's 2-core CPU
+(2026-12-07, session 19; README "Speed"): a (20006, 64) x (64, 768) matmul took 33 ms per call
+with 18,900 page faults and 39 ms of system time, with the settings below 11-18 ms and 0-5,700
+faults; the S preset's forward pass on 5 s of audio 2.31 s with 780,000 faults per call,
+against 1.61 s with 15,000; `bench_dynamic --speed-config S` (10 s at S's last exit, 4 s
+chunks) 6.92 s against 5.34 s, peak RSS streaming 10 s -> 600 s 653 -> 770 MB against 612 ->
+641 MB; S's training step (`bench_step --config S`) 7.24 s against 6.35 s. The demo's training
+step (buffers of a few MB) does not change measurably.
+
+The settings: no mmap for any block (`M_MMAP_MAX = 0`), no trimming of the heap's top
+(`M_TRIM_THRESHOLD`), one arena (`M_ARENA_MAX = 1`: XLA's worker threads otherwise get arenas
+of their own, whose heaps are mmap-backed and shrink when freed). Freed memory then stays in
+the process for the next call: the peak resident memory is the program's high-water mark, as
+before, but it is not given back between calls.
+
+Two ways to apply them, measured alike (tests/test_allocator.py's matmul, 10 calls, session 19:
+17,000 faults per call with glibc's defaults, 1,900-5,700 with `configure()`, 0-11,000 with the
+environment; where the remaining faults come from was not traced):
+- `configure()` at run time (`mallopt`), which the command-line entry points, the main job and
+  the benchmarks call before their first computation; a script of one's own can call it too;
+- the environment before the process starts (`ENVIRONMENT`, read by glibc once, at start-up),
+  for a process that calls neither.
+
+`PRESS_JAX_MALLOC=off` leaves the allocator as it is; so does any `MALLOC_*` variable already
+set (the user's choice wins). Not glibc (macOS, musl): nothing is done. Accelerators are
+unaffected: their buffers are not host allocations.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+import platform
+
+SWITCH = "PRESS_JAX_MALLOC"
+_OFF = ("off", "0", "false", "none", "no")
+# The same settings as environment variables, for a process that has not started yet.
+ENVIRONMENT = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000",
+               "MALLOC_ARENA_MAX": "1"}
+# mallopt parameters (glibc's malloc.h) and the values `configure` sets.
+_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+_SETTINGS = ((_M_TRIM_THRESHOLD, 2**31 - 1), (_M_MMAP_MAX, 0), (_M_ARENA_MAX, 1))
+
+_state: str | None = None
+
+
+def environment_settings(environ=None) -> dict[str, str]:
+  """The `MALLOC_*` variables of `environ` (default `os.environ`) that glibc reads."""
+  environ = os.environ if environ is None else environ
+  return {key: value for key, value in environ.items() if key.startswith("MALLOC_")}
+
+
+def configure() -> str:
+  """Applies the settings once per process; returns what is in effect.
+
+  'environment' (the process started with `MALLOC_*` variables: left as they are), 'mallopt'
+  (set now), 'off' (`PRESS_JAX_MALLOC=off`), 'unavailable' (not glibc, or mallopt refused).
+  Idempotent: later calls return the first call's answer.
+  """
+  global _state
+  if _state is not None:
+    return _state
+  if os.environ.get(SWITCH, "").strip().lower() in _OFF and os.environ.get(SWITCH):
+    _state = "off"
+  elif environment_settings():
+    _state = "environment"
+  elif platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    _state = "unavailable"
+  else:
+    try:
+      libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+      libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+      accepted = [libc.mallopt(parameter, value) == 1 for parameter, value in _SETTINGS]
+      _state = "mallopt" if all(accepted) else "unavailable"
+    except (OSError, AttributeError):
+      _state = "unavailable"
+  return _state
