@@ -57,7 +57,11 @@ RECURRENCE_IMPLEMENTATIONS = ("associative", "chunked", "sequential", "doubling"
 AUTO_BY_PLATFORM = {"cpu": "sequential", "gpu": "chunked", "cuda": "chunked",
                     "rocm": "chunked", "tpu": "chunked"}
 DEFAULT_CHUNK = 16
-DEFAULT_UNROLL = 2  # Frames per loop iteration of the sequential kernel (1, 2, 4, 8 measured alike on CPU).
+# Frames per loop iteration of the sequential kernel. 1 since session 19: forward+backward at
+# S's training shape (2, 8003, 256) 29.0 ms against 38.5 with 2 and 43.1 with 4 (best of 10,
+# interleaved); the demo's (16, 203, 32) 0.52 against 0.58 and 0.81; S's forward on 5 s of
+# audio 1.38 s against 1.58 s (README, "The linear recurrence").
+DEFAULT_UNROLL = 1
 # The doubling kernel at a symbolic length works in chunks of 2^n frames: n static rounds
 # within chunks, a loop across them. n = 6 measured best of 4 to 8 in onnxruntime on the demo's
 # exported graphs (1, 4 and 10 s; docs/export.md, "Speed").
