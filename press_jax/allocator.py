@@ -19,9 +19,9 @@ of their own, whose heaps are mmap-backed and shrink when freed). Freed memory t
 the process for the next call: the peak resident memory is the program's high-water mark, as
 before, but it is not given back between calls.
 
-Two ways to apply them, measured alike (tests/test_allocator.py's matmul, 10 calls, session 19:
-17,000 faults per call with glibc's defaults, 1,900-5,700 with `configure()`, 0-11,000 with the
-environment; where the remaining faults come from was not traced):
+Two ways to apply them, measured alike (tests/test_allocator.py's matmul in fresh processes,
+the fewest faults of 10 calls: 15,000 with glibc's defaults, 0 with either; averaged over the
+10 calls a loaded machine adds faults of its own to some calls):
 - `configure()` at run time (`mallopt`), which the command-line entry points, the main job and
   the benchmarks call before their first computation; a script of one's own can call it too;
 - the environment before the process starts (`ENVIRONMENT`, read by glibc once, at start-up),

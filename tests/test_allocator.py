@@ -25,11 +25,14 @@ a = jnp.ones((20006, 64), jnp.float32); b = jnp.ones((64, 768), jnp.float32)
 f = jax.jit(lambda a, b: a @ b)
 for _ in range(3):
   jax.block_until_ready(f(a, b))
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+faults = []
 for _ in range(10):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   out = f(a, b); jax.block_until_ready(out)
-faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 10
-print(json.dumps({"state": state, "faults_per_call": faults, "value": float(out[0, 0])}))
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+# The fewest of 10 calls: a loaded machine adds faults of its own to some calls (reclaimed
+# pages), but glibc's defaults fault the whole output on every one.
+print(json.dumps({"state": state, "faults_per_call": min(faults), "value": float(out[0, 0])}))
 """
 
 
@@ -65,10 +68,11 @@ def test_configure_removes_most_page_faults_of_large_outputs():
   configured = _run(_FAULTS, "configure")
   assert configured["state"] == "mallopt"
   assert default["value"] == configured["value"] == 64.0
-  # Defaults: ~17,000 faults per call (the 61 MB output, mapped afresh); configured:
-  # 1,900-5,700 in session 19's runs. At least a 2x cut, and the default must show the problem at all.
+  # Defaults: 15,000 faults in the fewest-faulting call (the 61 MB output, mapped afresh);
+  # configured: 0 in session 19's runs, two beside each other. The default must show the
+  # problem at all.
   assert default["faults_per_call"] > 10_000, default
-  assert configured["faults_per_call"] < 0.5 * default["faults_per_call"], (default, configured)
+  assert configured["faults_per_call"] < 0.25 * default["faults_per_call"], (default, configured)
 
 
 @pytest.mark.skipif(not ON_GLIBC, reason="MALLOC_* variables are glibc's")
@@ -78,9 +82,7 @@ def test_environment_settings_remove_page_faults_too():
   default = _run(_FAULTS, "default")
   configured = _run(_FAULTS, "default", **allocator.ENVIRONMENT)
   assert default["value"] == configured["value"] == 64.0
-  # 3,800-11,400 against 16,600-17,000 in session 19's runs: a smaller and noisier cut than
-  # configure()'s, so a looser bound.
-  assert configured["faults_per_call"] < 0.8 * default["faults_per_call"], (default, configured)
+  assert configured["faults_per_call"] < 0.25 * default["faults_per_call"], (default, configured)
 
 
 def test_environment_settings_are_the_malloc_variables():
