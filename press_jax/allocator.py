@@ -10,8 +10,8 @@ with 18,900 page faults and 39 ms of system time, with the settings below 11-18 
 faults; the S preset's forward pass on 5 s of audio 2.31 s with 780,000 faults per call,
 against 1.61 s with 15,000; `bench_dynamic --speed-config S` (10 s at S's last exit, 4 s
 chunks) 6.92 s against 5.34 s, peak RSS streaming 10 s -> 600 s 653 -> 770 MB against 612 ->
-641 MB; S's training step (`bench_step --config S`) 7.24 s against 6.35 s. The demo's training
-step (buffers of a few MB) does not change measurably.
+641 MB; S's training step (`bench_step --config S`) 7.24 s against 6.35 s; the demo's
+(`bench_step --config demo`, 4 alternating pairs) 82-108 ms against 71-76 ms.
 
 The settings: no mmap for any block (`M_MMAP_MAX = 0`), no trimming of the heap's top
 (`M_TRIM_THRESHOLD`), one arena (`M_ARENA_MAX = 1`: XLA's worker threads otherwise get arenas
