@@ -10,12 +10,12 @@ fit, grown back once if the machine speeds up, and still annealed to 0; the repo
 fine-tuning and test evaluation ~2.5-4 min; 12-14 min in all from a fresh clone (`.venv` from
 scratch included). Spending the whole 540 s instead of stopping at 5400 steps: +0.30 dB
 validation SI-SNRi at the last exit (README, probe rows 42-43).
-Results (README, "Latest run", 2026-12-07, session 17, fresh clone, a slow day of the machine:
-4427 of the 10000 steps fitted at ~8-10 steps/s, four re-plans without recompiling, 13 min 27 s
-in all): test SI-SNRi 4.87 / 5.14 / 5.41 dB at exits 1 / 2 / 3, 0.038 / 0.042 / 0.055 GMAC/s;
-PIT KS 0.111 / 0.096 / 0.063 (2026-12-06: 3883 steps, 5.38 dB at the last exit). The
-previous recipe (one RNN block per exit) on a fast day, 9065 steps at ~17.5 steps/s: 6.04 /
-6.52 / 6.77 dB; three seeds at 7500 steps: 5.65-6.22 dB at the last exit.
+Results (README, "Latest run", 2026-12-07, session 20, fresh clone: 5204 of the 10000 steps
+fitted at ~10 steps/s, three re-plans, 13 min 15 s in all): test SI-SNRi 5.32 / 5.69 / 6.02 dB
+at exits 1 / 2 / 3, 0.038 / 0.042 / 0.055 GMAC/s; PIT KS 0.074 / 0.077 / 0.035. On slower days
+(8-9 steps/s, 3900-4400 steps; sessions 15-17) the same recipe reached 5.28-5.41 dB at the last
+exit. The previous recipe (one RNN block per exit) on a fast day, 9065 steps at ~17.5 steps/s:
+6.04 / 6.52 / 6.77 dB; three seeds at 7500 steps: 5.65-6.22 dB at the last exit.
 Sweeps: python -m experiments.sweep --config demo --sweep seeds --root runs/demo_seeds
 """
 
