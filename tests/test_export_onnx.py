@@ -19,6 +19,7 @@ from experiments.configs.demo import DEMO_MODEL
 from press_jax.cli import export as cli
 from press_jax.export import directory as export_dir
 from press_jax.export import onnx_graphs
+from press_jax.export import onnx_rewrites
 from press_jax.models import press_net
 from tests import model_util
 from tests.test_export import assert_usage_error, run_cli, saved_model  # noqa: F401 (fixture)
@@ -162,10 +163,14 @@ def test_onnx_graph_structure():
     metadata = {p.key: p.value for p in proto.metadata_props}
     assert metadata["graph"] == ("every exit" if k == 0 else f"exit {k}")
     assert metadata["block_length"] == str(config.block_length)
-    # The recurrence is the two-pass kernel: its sweeps ONNX Loops of one chunk's frames,
-    # nothing unrolled over time.
+    # The recurrence is the two-pass kernel: its sweeps over one chunk's frames are ONNX Scans
+    # (jax2onnx's Loops, rewritten: press_jax/export/onnx_rewrites.py), nothing unrolled over
+    # time; the rewrites' counts are in the metadata.
     assert metadata["recurrence"] == "two_pass"
-    assert "Loop" in {n.op_type for n in proto.graph.node}
+    assert "Scan" in {n.op_type for n in proto.graph.node}
+    counts = dict(entry.rsplit(" ", 1) for entry in metadata["rewrites"].split(", "))
+    assert set(counts) == set(onnx_rewrites.ONNX_REWRITES)
+    assert all(int(value) > 0 for value in counts.values()), counts
 
   def parameter_bytes(proto):
     return sum(len(t.raw_data) for t in proto.graph.initializer)

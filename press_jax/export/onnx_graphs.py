@@ -62,6 +62,7 @@ import numpy as np
 
 import press_jax
 from press_jax.export import forward
+from press_jax.export import onnx_rewrites
 from press_jax.models import press_net
 
 ALL_EXITS_FILE = "press_all_exits.onnx"
@@ -192,6 +193,7 @@ def _convert(function, model: press_net.PressNet, description: str, opset: int):
     proto = jax2onnx.to_onnx(
         jax.extend.core.jaxpr_as_fun(closed), list(specs), model_name="press_net", opset=opset,
         input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES))
+  rewrites = onnx_rewrites.rewrite(proto)
   config = model.config
   proto.producer_name, proto.producer_version = "press_jax", press_jax.__version__
   proto.doc_string = (f"PRESS-Net, {description}: (mixture, mask) float32 (batch, samples) -> "
@@ -199,7 +201,8 @@ def _convert(function, model: press_net.PressNet, description: str, opset: int):
   metadata = {"graph": description, "exits": config.exits, "speakers": config.speakers,
               "sample_rate": config.sample_rate, "block_length": config.block_length,
               "recurrence": forward.EXPORT_RECURRENCE, "press_jax_version": press_jax.__version__,
-              "jax_version": jax.__version__, "jax2onnx_version": versions()["jax2onnx"]}
+              "jax_version": jax.__version__, "jax2onnx_version": versions()["jax2onnx"],
+              "rewrites": ", ".join(f"{name} {count}" for name, count in rewrites.items())}
   for key, value in metadata.items():
     entry = proto.metadata_props.add()
     entry.key, entry.value = key, str(value)

@@ -1,0 +1,232 @@
+"""press_jax.export.onnx_rewrites: each rewrite keeps a graph's outputs (onnxruntime before and
+after, against a numpy loop) and changes the nodes it says.
+
+The graphs are built by hand in the form jax2onnx 0.17 gives a `lax.scan` (a Loop whose state
+carries the scanned arrays whole, gathered by iteration number and passed on by Identity), plus
+a real jax2onnx conversion of a scan, so a converter that changed that form would show here.
+The model's graphs are checked against JAX in tests/test_export_onnx.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from press_jax.export import onnx_graphs
+from press_jax.export import onnx_rewrites
+
+pytestmark = pytest.mark.skipif(onnx_graphs.missing_extra() is not None,
+                                reason=str(onnx_graphs.missing_extra()))
+
+STEPS, ROWS = 5, 3
+
+
+def _helpers():
+  import onnx  # noqa: PLC0415 (the optional extra)
+  from onnx import TensorProto, helper  # noqa: PLC0415
+
+  return onnx, TensorProto, helper
+
+
+def _value(name, shape=None):
+  _, tensor, helper = _helpers()
+  return helper.make_tensor_value_info(name, tensor.FLOAT, shape)
+
+
+def _scan_loop_body(prefix: str, extra_nodes=(), condition_out=None):
+  """The body of h_i = a_i * h_{i-1} + b_i, scan output h_i, in jax2onnx's Loop form."""
+  onnx, tensor, helper = _helpers()
+  nodes = [
+      helper.make_node("Gather", [f"{prefix}a_all", f"{prefix}i"], [f"{prefix}a_i"], axis=0),
+      helper.make_node("Gather", [f"{prefix}b_all", f"{prefix}i"], [f"{prefix}b_i"], axis=0),
+      helper.make_node("Mul", [f"{prefix}a_i", f"{prefix}h"], [f"{prefix}ah"]),
+      helper.make_node("Add", [f"{prefix}ah", f"{prefix}b_i"], [f"{prefix}h_next"]),
+      helper.make_node("Identity", [f"{prefix}h_next"], [f"{prefix}h_seq"]),
+      helper.make_node("Identity", [f"{prefix}a_all"], [f"{prefix}a_all_out"]),
+      helper.make_node("Identity", [f"{prefix}b_all"], [f"{prefix}b_all_out"]),
+      *extra_nodes]
+  if condition_out is None:
+    nodes.append(helper.make_node("Identity", [f"{prefix}cond"], [f"{prefix}cond_out"]))
+  inputs = [helper.make_tensor_value_info(f"{prefix}i", tensor.INT64, []),
+            helper.make_tensor_value_info(f"{prefix}cond", tensor.BOOL, []),
+            _value(f"{prefix}h", [ROWS]), _value(f"{prefix}a_all", [STEPS, ROWS]),
+            _value(f"{prefix}b_all", [STEPS, ROWS])]
+  outputs = [helper.make_tensor_value_info(condition_out or f"{prefix}cond_out", tensor.BOOL, []),
+             _value(f"{prefix}h_next", [ROWS]), _value(f"{prefix}a_all_out", [STEPS, ROWS]),
+             _value(f"{prefix}b_all_out", [STEPS, ROWS]), _value(f"{prefix}h_seq", [ROWS])]
+  del onnx
+  return helper.make_graph(nodes, f"{prefix}body", inputs, outputs)
+
+
+def _scan_model(extra_nodes=(), condition_out=None, consume_passed=False):
+  """(a, b) (STEPS, ROWS) -> final h, every h (STEPS, ROWS) [, a passed through the Loop]."""
+  onnx, tensor, helper = _helpers()
+  body = _scan_loop_body("", extra_nodes, condition_out)
+  loop = helper.make_node("Loop", ["trip", "true", "h0", "a", "b"],
+                          ["h_final", "a_final", "b_final", "h_all"], body=body)
+  nodes = [loop]
+  outputs = [_value("h_final", [ROWS]), _value("h_all", [STEPS, ROWS])]
+  if consume_passed:  # A Loop output that passes its input through, read downstream.
+    nodes.append(helper.make_node("Neg", ["a_final"], ["minus_a"]))
+    outputs += [_value("minus_a", [STEPS, ROWS]), _value("b_final", [STEPS, ROWS])]
+  graph = helper.make_graph(
+      nodes, "scan", [_value("a", [STEPS, ROWS]), _value("b", [STEPS, ROWS])], outputs,
+      initializer=[helper.make_tensor("trip", tensor.INT64, [], [STEPS]),
+                   helper.make_tensor("true", tensor.BOOL, [], [True]),
+                   helper.make_tensor("h0", tensor.FLOAT, [ROWS], [0.5] * ROWS)])
+  return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _run(model, **feeds):
+  import onnxruntime  # noqa: PLC0415
+
+  options = onnxruntime.SessionOptions()
+  options.log_severity_level = 3
+  session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                         providers=["CPUExecutionProvider"])
+  return session.run(None, feeds)
+
+
+def _numpy_scan(a, b, h=0.5):
+  states = []
+  h = np.full(a.shape[1:], h, np.float32)
+  for a_i, b_i in zip(a, b):
+    h = a_i * h + b_i
+    states.append(h)
+  return h, np.stack(states)
+
+
+def _inputs():
+  rng = np.random.default_rng(0)
+  return (rng.uniform(0.2, 1.0, (STEPS, ROWS)).astype(np.float32),
+          rng.normal(size=(STEPS, ROWS)).astype(np.float32))
+
+
+def _op_types(graph) -> list[str]:
+  return sorted(node.op_type for node in graph.node)
+
+
+def test_scan_loop_becomes_scan_with_the_same_outputs():
+  onnx, _, _ = _helpers()
+  a, b = _inputs()
+  model = _scan_model(consume_passed=True)
+  before = _run(model, a=a, b=b)
+  counts = onnx_rewrites.rewrite(model)
+  onnx.checker.check_model(model, full_check=True)
+  after = _run(model, a=a, b=b)
+  assert counts == {"hoist_loop_invariants": 2, "loops_to_scans": 1, "einsums_to_matmuls": 0}
+  assert _op_types(model.graph) == ["Identity", "Neg", "Scan"]  # Identity: b_final = b.
+  (scan,) = [n for n in model.graph.node if n.op_type == "Scan"]
+  body = scan.attribute[0].g
+  assert "Gather" not in _op_types(body) and len(body.input) == 3  # h, a_i, b_i.
+  final, states = _numpy_scan(a, b)
+  for got in (before, after):
+    np.testing.assert_allclose(got[0], final, rtol=1e-6)
+    np.testing.assert_allclose(got[1], states, rtol=1e-6)
+    np.testing.assert_array_equal(got[2], -a)
+    np.testing.assert_array_equal(got[3], b)
+
+
+def test_loop_with_a_computed_condition_stays_a_loop():
+  onnx, tensor, helper = _helpers()
+  del onnx
+  a, b = _inputs()
+  # Stops when the state's first entry exceeds 1e9 (never here): a while loop, not a scan.
+  limit = helper.make_node("Constant", [], ["limit"],
+                           value=helper.make_tensor("limit", tensor.FLOAT, [], [1e9]))
+  first = helper.make_node("ReduceMax", ["h_next"], ["largest"], keepdims=0)
+  keep_going = helper.make_node("Less", ["largest", "limit"], ["cond_out"])
+  model = _scan_model(extra_nodes=(limit, first, keep_going), condition_out="cond_out")
+  before = _run(model, a=a, b=b)
+  counts = onnx_rewrites.rewrite(model)
+  assert counts["loops_to_scans"] == 0 and counts["hoist_loop_invariants"] == 2
+  assert _op_types(model.graph) == ["Loop"]
+  for got, want in zip(_run(model, a=a, b=b), before):
+    np.testing.assert_array_equal(got, want)
+
+
+def test_loop_that_reads_its_iteration_number_stays_a_loop():
+  _, tensor, helper = _helpers()
+  a, b = _inputs()
+  # The iteration number also feeds arithmetic: h_i = a_i h + b_i + i.
+  model = _scan_model()
+  body = model.graph.node[0].attribute[0].g
+  body.node.insert(0, helper.make_node("Cast", ["i"], ["i_float"], to=tensor.FLOAT))
+  position, add = [(k, n) for k, n in enumerate(body.node) if n.op_type == "Add"][0]
+  add.output[0] = "h_partial"
+  body.node.insert(position + 1, helper.make_node("Add", ["h_partial", "i_float"], ["h_next"]))
+  counts = onnx_rewrites.rewrite(model)
+  assert counts["loops_to_scans"] == 0
+  got = _run(model, a=a, b=b)
+  h, states = np.full(ROWS, 0.5, np.float32), []
+  for i in range(STEPS):
+    h = a[i] * h + b[i] + i
+    states.append(h)
+  np.testing.assert_allclose(got[0], h, rtol=1e-6)
+  np.testing.assert_allclose(got[1], np.stack(states), rtol=1e-6)
+
+
+@pytest.mark.parametrize("equation, matmul", [
+    ("abc,cd->abd", True), ("ab,bc->ac", True), ("abcd,de->abce", True),
+    ("abc,dc->abd", False), ("abc,cd->adb", False), ("...c,cd->...d", False),
+    ("zab,zcad->zbcd", False), ("abc,bd->acd", False), ("abc,cb->ab", False)])
+def test_einsum_matmul_equations(equation, matmul):
+  onnx, tensor, helper = _helpers()
+  del onnx
+  assert onnx_rewrites._matmul_equation(equation) is matmul  # pylint: disable=protected-access
+  operands, _ = equation.replace("...", "x").split("->")
+  left, right = operands.split(",")
+  sizes = dict(zip("abcdexz", (2, 3, 4, 5, 6, 3, 2)))
+  rng = np.random.default_rng(1)
+  x = rng.normal(size=[sizes[c] for c in left]).astype(np.float32)
+  w = rng.normal(size=[sizes[c] for c in right]).astype(np.float32)
+  graph = helper.make_graph(
+      [helper.make_node("Einsum", ["x", "w"], ["y"], equation=equation)], "einsum",
+      [helper.make_tensor_value_info("x", tensor.FLOAT, x.shape),
+       helper.make_tensor_value_info("w", tensor.FLOAT, w.shape)],
+      [helper.make_tensor_value_info("y", tensor.FLOAT, None)])
+  model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+  assert onnx_rewrites.einsums_to_matmuls(model.graph) == int(matmul)
+  assert model.graph.node[0].op_type == ("MatMul" if matmul else "Einsum")
+  np.testing.assert_allclose(_run(model, x=x, w=w)[0],
+                             np.einsum(equation, x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_jax2onnx_scans_of_layers_and_of_frames_are_rewritten():
+  """A scan over stacked layers whose body scans over frames, converted by jax2onnx: both
+  Loops become Scans, outputs equal to JAX's."""
+  import jax  # noqa: PLC0415
+  import jax.numpy as jnp  # noqa: PLC0415
+  import jax2onnx  # noqa: PLC0415
+
+  def frames(weight, x):  # x (T, H): h_t = sigmoid(w) h_{t-1} + x_t
+    def step(h, x_t):
+      h = jax.nn.sigmoid(weight) * h + x_t
+      return h, h
+    return jax.lax.scan(step, jnp.zeros(x.shape[1:]), x)[1]
+
+  def layers(weights, x):  # weights (L, H)
+    def layer(x, weight):
+      return frames(weight, x) @ jnp.eye(x.shape[-1]), None
+    return jax.lax.scan(layer, x, weights)[0]
+
+  rng = np.random.default_rng(2)
+  weights = rng.normal(size=(3, 4)).astype(np.float32)
+  x = rng.normal(size=(6, 4)).astype(np.float32)
+  proto = jax2onnx.to_onnx(layers, [weights, x], model_name="scan", opset=17)
+  before = _run(proto, **{i.name: v for i, v in zip(proto.graph.input, (weights, x))})
+  counts = onnx_rewrites.rewrite(proto)
+  assert counts["loops_to_scans"] == 2 and counts["hoist_loop_invariants"] >= 2, counts
+
+  def all_ops(graph):
+    ops = [n.op_type for n in graph.node]
+    for n in graph.node:
+      for attribute in n.attribute:
+        if attribute.g.node:
+          ops += all_ops(attribute.g)
+    return ops
+
+  assert "Loop" not in all_ops(proto.graph) and all_ops(proto.graph).count("Scan") == 2
+  after = _run(proto, **{i.name: v for i, v in zip(proto.graph.input, (weights, x))})
+  np.testing.assert_array_equal(after[0], before[0])
+  np.testing.assert_allclose(after[0], np.asarray(layers(weights, x)), rtol=1e-5, atol=1e-6)
