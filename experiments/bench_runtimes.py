@@ -25,8 +25,11 @@ Per config (a config name or file of experiments/configs, as every entry point t
   jitted, the stages up to exit k with the model's own recurrence kernel (`auto`: sequential
   on CPU); beside it `jax_export_kernel_rtf`, `forward.graph_function(model, params, k)`
   jitted: the function the exports trace (the two-pass recurrence, `forward.EXPORT_RECURRENCE`);
-  onnxruntime: the ONNX graph of exit k (`press_jax.export.onnx_graphs.export_exit`), a session
-  with onnxruntime's default threads; PyTorch: the port's `forward(max_exit=k)` under
+  onnxruntime: the ONNX graph of exit k (`press_jax.export.onnx_graphs.export_exit`, as
+  press-export writes it), a session with onnxruntime's default threads, and with
+  `--onnx-as-converted` also jax2onnx's graph without press_jax's rewrites
+  (`onnxruntime_as_converted_rtf`; press_jax/export/onnx_rewrites.py), calls alternated;
+  PyTorch: the port's `forward(max_exit=k)` under
   `torch.no_grad()` (it runs the heads of the exits before k too).
 
 Prints a table per config, or with --json one JSON object per config and line: `config`,
@@ -166,11 +169,24 @@ def jax_inference(model, params, exit_number: int, mixture, mask, repeats: int,
 
 
 def onnx_inference(model, params, exit_number: int, mixture, mask, repeats: int,
-                   directory: str) -> float:
-  path = f"{directory}/{onnx_graphs.exit_file(exit_number)}"
-  onnx_graphs.save(path, onnx_graphs.export_exit(model, params, exit_number))
-  session = onnx_graphs.load(path)
-  return median_call(lambda: onnx_graphs.call(session, mixture, mask), repeats)
+                   directory: str, as_converted: bool = False) -> tuple[float, float | None]:
+  """Seconds per call of exit k's ONNX graph as press-export writes it, and (`as_converted`)
+  of jax2onnx's graph without `onnx_rewrites`, the two sessions' calls alternated."""
+  sessions = []
+  for rewrite in (True, False) if as_converted else (True,):
+    path = f"{directory}/{'' if rewrite else 'converted_'}{onnx_graphs.exit_file(exit_number)}"
+    onnx_graphs.save(path, onnx_graphs.export_exit(model, params, exit_number, rewrite=rewrite))
+    session = onnx_graphs.load(path)
+    onnx_graphs.call(session, mixture, mask)  # Warm-up.
+    sessions.append(session)
+  times: list[list[float]] = [[] for _ in sessions]
+  for _ in range(max(repeats, 1)):
+    for session, seconds in zip(sessions, times):
+      started = time.perf_counter()
+      onnx_graphs.call(session, mixture, mask)
+      seconds.append(time.perf_counter() - started)
+  medians = [statistics.median(seconds) for seconds in times]
+  return medians[0], (medians[1] if as_converted else None)
 
 
 def torch_inference(ported, exit_number: int, mixture, mask, repeats: int) -> float:
@@ -198,7 +214,8 @@ def unavailable_extras() -> dict[str, str]:
 
 
 def bench_config(name: str, *, crop_seconds: float | None, audio_seconds: float, repeats: int,
-                 seed: int, torch_compile: bool) -> dict[str, Any]:
+                 seed: int, torch_compile: bool, onnx_as_converted: bool = False
+                 ) -> dict[str, Any]:
   sets = [f"data.crop_seconds={crop_seconds}"] if crop_seconds else []
   setup = bench_step.make_setup(name, sets)
   config = setup.model_config
@@ -255,9 +272,13 @@ def bench_config(name: str, *, crop_seconds: float | None, audio_seconds: float,
                                       / audio_seconds,
              "onnxruntime_rtf": None, "torch_rtf": None, "onnxruntime_vs_jax": None}
       if "onnxruntime" not in missing:
-        row["onnxruntime_rtf"] = onnx_inference(setup.model, params, exit_number, mixture, mask,
-                                                repeats, directory) / audio_seconds
+        seconds, converted_seconds = onnx_inference(
+            setup.model, params, exit_number, mixture, mask, repeats, directory,
+            as_converted=onnx_as_converted)
+        row["onnxruntime_rtf"] = seconds / audio_seconds
         row["onnxruntime_vs_jax"] = row["onnxruntime_rtf"] / row["jax_rtf"]
+        if onnx_as_converted:
+          row["onnxruntime_as_converted_rtf"] = converted_seconds / audio_seconds
       if ported is not None:
         row["torch_rtf"] = torch_inference(ported, exit_number, mixture, mask,
                                            repeats) / audio_seconds
@@ -292,12 +313,16 @@ def format_result(result: dict[str, Any]) -> str:
                  f"{values['first_loss']:11.4f}{extra}")
   lines.append(f"  train ratio (JAX / best PyTorch): {_number(result['train_ratio'], '.2f')}")
   lines.append(f"  {'exit':>4s} {'JAX RTF':>9s} {'JAX export':>11s} {'onnxruntime':>12s} "
-               f"{'ORT / JAX':>10s} {'PyTorch':>9s}")
+               f"{'ORT / JAX':>10s} {'PyTorch':>9s}"
+               + (f" {'ORT as converted':>17s}" if any(
+                   "onnxruntime_as_converted_rtf" in row for row in result["inference"]) else ""))
   for row in result["inference"]:
     lines.append(f"  {row['exit']:4d} {row['jax_rtf']:9.4f} {row['jax_export_kernel_rtf']:11.4f} "
                  f"{_number(row['onnxruntime_rtf'], '12.4f'):>12s} "
                  f"{_number(row['onnxruntime_vs_jax'], '10.2f'):>10s} "
-                 f"{_number(row['torch_rtf'], '9.4f'):>9s}")
+                 f"{_number(row['torch_rtf'], '9.4f'):>9s}"
+                 + (f" {row['onnxruntime_as_converted_rtf']:17.4f}"
+                    if "onnxruntime_as_converted_rtf" in row else ""))
   for extra, reason in result["unavailable"].items():
     lines.append(f"  {extra}: not measured ({reason})")
   return "\n".join(lines)
@@ -315,6 +340,9 @@ def main(argv=None) -> int:
   parser.add_argument("--seed", type=int, default=0)
   parser.add_argument("--no-torch-compile", action="store_true",
                       help="time PyTorch eager only")
+  parser.add_argument("--onnx-as-converted", action="store_true",
+                      help="also time jax2onnx's graphs without press_jax's ONNX rewrites "
+                           "(onnxruntime_as_converted_rtf; calls alternated with the rewritten)")
   parser.add_argument("--json", action="store_true", help="one JSON object per config and line")
   args = parser.parse_args(argv)
   if args.repeats < 1:
@@ -335,7 +363,8 @@ def main(argv=None) -> int:
   for name in names:
     result = bench_config(name, crop_seconds=args.crop_seconds,
                           audio_seconds=args.audio_seconds, repeats=args.repeats,
-                          seed=args.seed, torch_compile=not args.no_torch_compile)
+                          seed=args.seed, torch_compile=not args.no_torch_compile,
+                          onnx_as_converted=args.onnx_as_converted)
     result["allocator"] = malloc
     print(json.dumps(result) if args.json else format_result(result), flush=True)
   return 0

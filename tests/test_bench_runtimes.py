@@ -58,7 +58,11 @@ def check(result, modes):
 
 
 def test_reduced_run_reports_every_runtime(capsys):
-  check(run(capsys, REDUCED + ["--no-torch-compile"]), modes=("eager",))
+  result = run(capsys, REDUCED + ["--no-torch-compile", "--onnx-as-converted"])
+  check(result, modes=("eager",))
+  for row in result["inference"]:  # jax2onnx's graphs without press_jax's rewrites, beside.
+    if row["onnxruntime_rtf"] is not None:
+      assert row["onnxruntime_as_converted_rtf"] > 0
 
 
 @pytest.mark.slow

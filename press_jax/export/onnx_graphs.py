@@ -34,8 +34,9 @@ What the conversion needs, with jax2onnx 0.17 (docs/export.md, "ONNX graphs"):
 - pad widths must be constants, and the scatter of `segment_sum` is not converted: the model
   frames with constant pads and counts frames per block with one-hot contractions;
 - `lax.scan(reverse=True)` is not converted, and neither is `associative_scan` (interior
-  padding): the graphs run the two-pass recurrence (`forward.EXPORT_RECURRENCE`): two ONNX
-  `Loop`s over the 32 frames of a chunk, every chunk at once, and the doubling kernel's rounds
+  padding): the graphs run the two-pass recurrence (`forward.EXPORT_RECURRENCE`): two sweeps
+  over the 32 frames of a chunk, every chunk at once (ONNX `Scan`s after
+  press_jax/export/onnx_rewrites.py; jax2onnx writes `Loop`s), and the doubling kernel's rounds
   over the chunk states (the sequential kernel's per-frame `Loop` made onnxruntime 17-76x
   slower than JAX; the doubling kernel alone, the exports' until 2026-12-06, ran S's graphs
   ~1.25x slower);
@@ -179,8 +180,10 @@ def _quiet(names: Sequence[str] = ("onnx_ir", "jax2onnx")) -> Iterator[None]:
       logger.setLevel(level)
 
 
-def _convert(function, model: press_net.PressNet, description: str, opset: int):
-  """`function` (a `forward.graph_function`) as an onnx.ModelProto, symbolic batch and length."""
+def _convert(function, model: press_net.PressNet, description: str, opset: int,
+             rewrite: bool = True):
+  """`function` (a `forward.graph_function`) as an onnx.ModelProto, symbolic batch and length;
+  `rewrite` applies `onnx_rewrites.rewrite` (exact; False: jax2onnx's graph as converted)."""
   problem = missing_extra()
   if problem:
     raise ImportError(problem)
@@ -193,7 +196,8 @@ def _convert(function, model: press_net.PressNet, description: str, opset: int):
     proto = jax2onnx.to_onnx(
         jax.extend.core.jaxpr_as_fun(closed), list(specs), model_name="press_net", opset=opset,
         input_names=list(INPUT_NAMES), output_names=list(OUTPUT_NAMES))
-  rewrites = onnx_rewrites.rewrite(proto)
+  rewrites = onnx_rewrites.rewrite(proto) if rewrite else {
+      name: 0 for name in onnx_rewrites.ONNX_REWRITES}
   config = model.config
   proto.producer_name, proto.producer_version = "press_jax", press_jax.__version__
   proto.doc_string = (f"PRESS-Net, {description}: (mixture, mask) float32 (batch, samples) -> "
@@ -209,16 +213,18 @@ def _convert(function, model: press_net.PressNet, description: str, opset: int):
   return proto
 
 
-def export_all_exits(model: press_net.PressNet, params: Any, opset: int = OPSET):
+def export_all_exits(model: press_net.PressNet, params: Any, opset: int = OPSET,
+                     rewrite: bool = True):
   """Every exit: (mixture, mask) -> mean (E, b, S, L), log_var, log_alpha (E, b, S, blocks)."""
-  return _convert(forward.graph_function(model, params), model, "every exit", opset)
+  return _convert(forward.graph_function(model, params), model, "every exit", opset, rewrite)
 
 
-def export_exit(model: press_net.PressNet, params: Any, exit_number: int, opset: int = OPSET):
+def export_exit(model: press_net.PressNet, params: Any, exit_number: int, opset: int = OPSET,
+                rewrite: bool = True):
   """Exit k only: (mixture, mask) -> mean (b, S, L), log_var, log_alpha (b, S, blocks)."""
   exit_number = forward.check_exit_number(model.config, exit_number)
   return _convert(forward.graph_function(model, params, exit_number), model,
-                  f"exit {exit_number}", opset)
+                  f"exit {exit_number}", opset, rewrite)
 
 
 # --- files and running ------------------------------------------------------------------------
