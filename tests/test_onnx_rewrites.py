@@ -58,8 +58,8 @@ def _scan_loop_body(prefix: str, extra_nodes=(), condition_out=None):
   return helper.make_graph(nodes, f"{prefix}body", inputs, outputs)
 
 
-def _scan_model(extra_nodes=(), condition_out=None, consume_passed=False):
-  """(a, b) (STEPS, ROWS) -> final h, every h (STEPS, ROWS) [, a passed through the Loop]."""
+def _scan_model(extra_nodes=(), condition_out=None, consume_passed=False, trip=STEPS):
+  """(a, b) (STEPS, ROWS) -> final h, every h (trip, ROWS) [, a passed through the Loop]."""
   onnx, tensor, helper = _helpers()
   body = _scan_loop_body("", extra_nodes, condition_out)
   loop = helper.make_node("Loop", ["trip", "true", "h0", "a", "b"],
@@ -71,7 +71,7 @@ def _scan_model(extra_nodes=(), condition_out=None, consume_passed=False):
     outputs += [_value("minus_a", [STEPS, ROWS]), _value("b_final", [STEPS, ROWS])]
   graph = helper.make_graph(
       nodes, "scan", [_value("a", [STEPS, ROWS]), _value("b", [STEPS, ROWS])], outputs,
-      initializer=[helper.make_tensor("trip", tensor.INT64, [], [STEPS]),
+      initializer=[helper.make_tensor("trip", tensor.INT64, [], [trip]),
                    helper.make_tensor("true", tensor.BOOL, [], [True]),
                    helper.make_tensor("h0", tensor.FLOAT, [ROWS], [0.5] * ROWS)])
   return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -164,6 +164,17 @@ def test_loop_that_reads_its_iteration_number_stays_a_loop():
     states.append(h)
   np.testing.assert_allclose(got[0], h, rtol=1e-6)
   np.testing.assert_allclose(got[1], np.stack(states), rtol=1e-6)
+
+
+def test_loop_over_part_of_a_longer_array_stays_a_loop():
+  a, b = _inputs()
+  model = _scan_model(trip=STEPS - 2)  # Gathers rows 0..2 of the (5, 3) inputs.
+  counts = onnx_rewrites.rewrite(model)
+  assert counts["loops_to_scans"] == 0 and _op_types(model.graph) == ["Loop"]
+  final, states = _numpy_scan(a[:STEPS - 2], b[:STEPS - 2])
+  got = _run(model, a=a, b=b)
+  np.testing.assert_allclose(got[0], final, rtol=1e-6)
+  np.testing.assert_allclose(got[1], states, rtol=1e-6)
 
 
 @pytest.mark.parametrize("equation, matmul", [

@@ -8,9 +8,10 @@ this order by `rewrite` (press_jax/export/onnx_graphs.py calls it on every graph
 
 1. `hoist_loop_invariants`: a loop-carried value that the body passes through unchanged leaves
    the state; the body reads it from the enclosing scope instead (ONNX subgraphs may).
-2. `loops_to_scans`: a `Loop` that runs exactly its trip count (its condition passed through)
-   and uses its iteration number only to `Gather` element i of outer values along axis 0 is an
-   ONNX `Scan` over those values: onnxruntime slices a Scan's inputs and writes its outputs in
+2. `loops_to_scans`: a `Loop` that runs exactly its trip count (a constant; its condition
+   passed through) and uses its iteration number only to `Gather` element i of outer values
+   along axis 0 (as long as the trip count where a length is recorded) is an ONNX `Scan` over
+   those values: onnxruntime slices a Scan's inputs and writes its outputs in
    place instead of gathering a copy per iteration and concatenating at the end. The Scan's
    outputs are the Loop's, in the same order (final state, then the stacked per-iteration
    values). Loops with a computed condition (the doubling kernel's `while_loop`) stay Loops.
@@ -106,19 +107,39 @@ def hoist_loop_invariants(graph) -> int:
   return count
 
 
-def _constant_true(graph_chain, name: str) -> bool:
-  """Whether `name` is a boolean initializer or Constant equal to True in the scopes given."""
+def _constant(graph_chain, name: str):
+  """The value of `name` as a numpy array if an initializer or Constant of these scopes, else
+  None."""
   from onnx import numpy_helper  # noqa: PLC0415 (the optional extra)
 
   for graph in graph_chain:
     for init in graph.initializer:
       if init.name == name:
-        return bool(numpy_helper.to_array(init).all())
+        return numpy_helper.to_array(init)
     for node in graph.node:
       if node.op_type == "Constant" and name in node.output:
         value = [a for a in node.attribute if a.name == "value"]
-        return bool(value) and bool(numpy_helper.to_array(value[0].t).all())
-  return False
+        return numpy_helper.to_array(value[0].t) if value else None
+  return None
+
+
+def _leading_dim(graph_chain, name: str) -> int | None:
+  """The static size of axis 0 of `name` where a scope records it (initializer or value_info)."""
+  for graph in graph_chain:
+    for init in graph.initializer:
+      if init.name == name:
+        return int(init.dims[0]) if init.dims else None
+    for value in [*graph.value_info, *graph.input, *graph.output]:
+      if value.name == name:
+        dims = value.type.tensor_type.shape.dim
+        return int(dims[0].dim_value) if dims and dims[0].HasField("dim_value") else None
+  return None
+
+
+def _constant_true(graph_chain, name: str) -> bool:
+  """Whether `name` is a boolean initializer or Constant equal to True in the scopes given."""
+  value = _constant(graph_chain, name)
+  return value is not None and value.dtype == bool and bool(value.all())
 
 
 def _reads(graph, names: set[str]) -> bool:
@@ -168,6 +189,15 @@ def loops_to_scans(graph, _scopes: tuple = ()) -> int:
     if any(_reads(sub, {iteration, condition}) for n in body.node for sub in _subgraphs(n)):
       continue
     sequences = list(dict.fromkeys(n.input[0] for n in gathers))
+    # A Scan runs as many iterations as its inputs are long, a Loop its trip count. jax2onnx
+    # reads the iteration number only to take element i of a scan's xs, whose length jax ties
+    # to the scan's; a constant trip count is required, and a recorded static length that
+    # differs from it (a loop indexing a longer array) keeps the Loop. Lengths that no
+    # value_info records (arrays made inside an enclosing loop's body) are taken as the xs'.
+    trip = _constant(scopes, node.input[0])
+    if trip is None or trip.size != 1 or any(
+        _leading_dim(scopes, name) not in (None, int(trip.reshape(()))) for name in sequences):
+      continue
     types = _value_types(body)
     elements = {name: f"{node.name}/scan_input_{k}" for k, name in enumerate(sequences)}
     element_types = {}
