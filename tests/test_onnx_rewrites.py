@@ -114,7 +114,8 @@ def test_scan_loop_becomes_scan_with_the_same_outputs():
   counts = onnx_rewrites.rewrite(model)
   onnx.checker.check_model(model, full_check=True)
   after = _run(model, a=a, b=b)
-  assert counts == {"hoist_loop_invariants": 2, "loops_to_scans": 1, "einsums_to_matmuls": 0}
+  assert counts == {"hoist_loop_invariants": 2, "loops_to_scans": 1, "unroll_constant_scans": 0,
+                    "einsums_to_matmuls": 0, "split_projections": 0}
   assert _op_types(model.graph) == ["Identity", "Neg", "Scan"]  # Identity: b_final = b.
   (scan,) = [n for n in model.graph.node if n.op_type == "Scan"]
   body = scan.attribute[0].g
@@ -241,3 +242,106 @@ def test_jax2onnx_scans_of_layers_and_of_frames_are_rewritten():
   after = _run(proto, **{i.name: v for i, v in zip(proto.graph.input, (weights, x))})
   np.testing.assert_array_equal(after[0], before[0])
   np.testing.assert_allclose(after[0], np.asarray(layers(weights, x)), rtol=1e-5, atol=1e-6)
+
+
+def _layers_scan_model(layers=3, width=4, stacked_output=True):
+  """A Scan over stacked layer weights (initializers): h = tanh(h W_l + b_l), as the stacked
+  blocks' Scans are after `loops_to_scans`; the per-layer h stacked as a second output."""
+  onnx, tensor, helper = _helpers()
+  from onnx import numpy_helper  # noqa: PLC0415
+
+  rng = np.random.default_rng(3)
+  weights = rng.normal(size=(layers, width, width)).astype(np.float32)
+  biases = rng.normal(size=(layers, width)).astype(np.float32)
+  body = helper.make_graph(
+      [helper.make_node("MatMul", ["h", "w"], ["hw"]),
+       helper.make_node("Add", ["hw", "b"], ["pre"]),
+       helper.make_node("Tanh", ["pre"], ["h_next"]),
+       helper.make_node("Identity", ["h_next"], ["h_copy"])],
+      "layer", [_value("h", [2, width]), _value("w", [width, width]), _value("b", [width])],
+      [_value("h_next", [2, width])] + ([_value("h_copy", [2, width])] if stacked_output else []))
+  scan = helper.make_node("Scan", ["x", "weights", "biases"],
+                          ["y"] + (["every"] if stacked_output else []), body=body,
+                          num_scan_inputs=2, name="layers")
+  graph = helper.make_graph(
+      [scan], "layers", [_value("x", [2, width])],
+      [_value("y", [2, width])] + ([_value("every", [layers, 2, width])] if stacked_output
+                                   else []),
+      initializer=[numpy_helper.from_array(weights, "weights"),
+                   numpy_helper.from_array(biases, "biases")])
+  del onnx, tensor
+  return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), weights, biases
+
+
+def test_constant_scans_are_unrolled_with_sliced_parameters():
+  onnx, _, _ = _helpers()
+  model, weights, biases = _layers_scan_model()
+  x = np.random.default_rng(4).normal(size=(2, 4)).astype(np.float32)
+  before = _run(model, x=x)
+  assert onnx_rewrites.unroll_constant_scans(model.graph) == 1
+  onnx.checker.check_model(model, full_check=True)
+  assert "Scan" not in _op_types(model.graph)
+  assert _op_types(model.graph).count("MatMul") == 3
+  after = _run(model, x=x)
+  h, every = x, []
+  for w, b in zip(weights, biases):
+    h = np.tanh(h @ w + b)
+    every.append(h)
+  for got in (before, after):
+    np.testing.assert_allclose(got[0], h, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1], np.stack(every), rtol=1e-5, atol=1e-6)
+  # Longer than the bound: kept.
+  model, _, _ = _layers_scan_model(layers=5, stacked_output=False)
+  assert onnx_rewrites.unroll_constant_scans(model.graph, max_iterations=4) == 0
+
+
+def _projection_model(bias_as_reshape=True, axis=2, extra_reader=False):
+  """x (2, 3, 4) @ W (4, 6) + b, split into 2 + 4 columns along `axis`."""
+  onnx, tensor, helper = _helpers()
+  from onnx import numpy_helper  # noqa: PLC0415
+
+  rng = np.random.default_rng(5)
+  weight = rng.normal(size=(4, 6)).astype(np.float32)
+  bias = rng.normal(size=(6,)).astype(np.float32)
+  inits = [numpy_helper.from_array(weight, "w"), numpy_helper.from_array(bias, "b_flat"),
+           numpy_helper.from_array(np.array([2, 4], np.int64), "sizes"),
+           numpy_helper.from_array(np.array([1, 1, 6], np.int64), "bias_shape")]
+  nodes = [helper.make_node("MatMul", ["x", "w"], ["product"])]
+  if bias_as_reshape:
+    nodes.append(helper.make_node("Reshape", ["b_flat", "bias_shape"], ["b"]))
+  nodes += [helper.make_node("Add", ["product", "b" if bias_as_reshape else "b_flat"],
+                             ["biased"]),
+            helper.make_node("Split", ["biased", "sizes"], ["first", "second"], axis=axis)]
+  outputs = [_value("first", [2, 3, 2] if axis == 2 else None),
+             _value("second", [2, 3, 4] if axis == 2 else None)]
+  if extra_reader:
+    nodes.append(helper.make_node("Neg", ["product"], ["minus"]))
+    outputs.append(_value("minus", [2, 3, 6]))
+  graph = helper.make_graph(nodes, "projection", [_value("x", [2, 3, 4])], outputs,
+                            initializer=inits)
+  del onnx, tensor
+  return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), weight, bias
+
+
+@pytest.mark.parametrize("bias_as_reshape", [True, False])
+def test_split_projection_becomes_one_matmul_per_piece(bias_as_reshape):
+  onnx, _, _ = _helpers()
+  model, weight, bias = _projection_model(bias_as_reshape)
+  x = np.random.default_rng(6).normal(size=(2, 3, 4)).astype(np.float32)
+  before = _run(model, x=x)
+  ranks = {"biased": 3}  # What onnx's shape inference gives the rewrite.
+  assert onnx_rewrites.split_projections(model.graph, ranks) == 1
+  onnx.checker.check_model(model, full_check=True)
+  assert "Split" not in _op_types(model.graph) and _op_types(model.graph).count("MatMul") == 2
+  after = _run(model, x=x)
+  expected = x @ weight + bias
+  for got in (before, after):
+    np.testing.assert_allclose(got[0], expected[..., :2], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1], expected[..., 2:], rtol=1e-5, atol=1e-6)
+
+
+def test_split_projections_that_must_stay():
+  # Split along another axis, and a product read by another node too.
+  for model in (_projection_model(axis=1)[0], _projection_model(extra_reader=True)[0]):
+    assert onnx_rewrites.split_projections(model.graph, {"biased": 3}) == 0
+    assert "Split" in _op_types(model.graph)

@@ -3,8 +3,9 @@
 jax2onnx 0.17 lowers every `lax.scan` to an ONNX `Loop` whose loop-carried state holds the
 scan's inputs (`xs`, whole) beside its carry; the body takes element i with a `Gather` and
 passes the whole `xs` on to the next iteration through an `Identity`, which onnxruntime runs
-as a copy. And every `Dense` becomes an `Einsum` ("abc,cd->abd"). Three rewrites, applied in
-this order by `rewrite` (press_jax/export/onnx_graphs.py calls it on every graph it writes):
+as a copy. Every `Dense` becomes an `Einsum` ("abc,cd->abd"), and a fused projection's pieces
+are cut apart by a `Split` (a copy). Five rewrites, applied in this order by `rewrite`
+(press_jax/export/onnx_graphs.py calls it on every graph it writes):
 
 1. `hoist_loop_invariants`: a loop-carried value that the body passes through unchanged leaves
    the state; the body reads it from the enclosing scope instead (ONNX subgraphs may).
@@ -15,21 +16,30 @@ this order by `rewrite` (press_jax/export/onnx_graphs.py calls it on every graph
    place instead of gathering a copy per iteration and concatenating at the end. The Scan's
    outputs are the Loop's, in the same order (final state, then the stacked per-iteration
    values). Loops with a computed condition (the doubling kernel's `while_loop`) stay Loops.
-3. `einsums_to_matmuls`: an `Einsum` "<x>c,cd-><x>d" (a rank-2 right operand contracted on the
+3. `unroll_constant_scans`: a Scan of at most 16 iterations over initializers (the stacked
+   encoder blocks' and stages' parameters) is unrolled into the main graph, each iteration's
+   parameters sliced to constants (alone no faster; it lets 5 reach the blocks' weights).
+4. `einsums_to_matmuls`: an `Einsum` "<x>c,cd-><x>d" (a rank-2 right operand contracted on the
    left operand's last axis) is a `MatMul`.
+5. `split_projections`: MatMul(x, W) [+ b] -> Split along the last axis, with constant W, b and
+   sizes, is one MatMul (+ Add) per piece with its columns of W (and b).
 
 Measured on S's exit-1 graph, 4 s of audio, one process, interleaved (2026-12-07, README
-"Export"): onnxruntime 1456 ms as converted, 1236 after 1 and 3, 1083 after all three (medians
-of 7); outputs bit-identical. Each function edits the `onnx.GraphProto` in place and returns the
-number of nodes it changed; names are jax2onnx's (unique within a model), which the renaming
-relies on.
+"Export"): onnxruntime 1456 ms as converted, 1236 after 1 and 4, 1083 after 1, 2 and 4
+(medians of 7); in a later round 1205 as converted, 954 after 1, 2, 4 and 849 after all five.
+Outputs bit-identical on that graph (the tests allow float rounding). Each function edits the
+`onnx.GraphProto` in place and returns the number of nodes it changed; names are jax2onnx's
+(unique within a model), which the renaming relies on.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-ONNX_REWRITES = ("hoist_loop_invariants", "loops_to_scans", "einsums_to_matmuls")
+import numpy as np
+
+ONNX_REWRITES = ("hoist_loop_invariants", "loops_to_scans", "unroll_constant_scans",
+                 "einsums_to_matmuls", "split_projections")
 
 
 def _subgraphs(node) -> list[Any]:
@@ -254,9 +264,240 @@ def einsums_to_matmuls(graph) -> int:
   return count
 
 
+def _all_names(graph, names: set[str]) -> set[str]:
+  """Every value name defined in `graph` and its subgraphs (inputs, initializers, outputs of
+  nodes)."""
+  names.update(value.name for value in graph.input)
+  names.update(init.name for init in graph.initializer)
+  for node in graph.node:
+    names.update(name for name in node.output if name)
+    for body in _subgraphs(node):
+      _all_names(body, names)
+  return names
+
+
+def _prefix_names(graph, mapping: dict[str, str], prefix: str) -> None:
+  """Renames, in place, every value in `mapping` and every node (by `prefix`), recursively."""
+  for value in [*graph.input, *graph.output]:
+    value.name = mapping.get(value.name, value.name)
+  for init in graph.initializer:
+    init.name = mapping.get(init.name, init.name)
+  del graph.value_info[:]
+  for node in graph.node:
+    node.input[:] = [mapping.get(name, name) for name in node.input]
+    node.output[:] = [mapping.get(name, name) for name in node.output]
+    if node.name:
+      node.name = prefix + node.name
+    for body in _subgraphs(node):
+      _prefix_names(body, mapping, prefix)
+
+
+def unroll_constant_scans(graph, max_iterations: int = 16) -> int:
+  """Scans of at most `max_iterations` over initializers of `graph` (the stacked blocks' and
+  stages' parameters) unrolled into it: one copy of the body per iteration, its parameters
+  sliced to constant initializers, so `split_projections` can cut their weights."""
+  import onnx  # noqa: PLC0415 (the optional extra)
+  from onnx import numpy_helper  # noqa: PLC0415
+
+  initializers = {init.name: init for init in graph.initializer}
+  count = 0
+  for position in range(len(graph.node) - 1, -1, -1):
+    node = graph.node[position]
+    if node.op_type != "Scan":
+      continue
+    attributes = {a.name: a for a in node.attribute}
+    if set(attributes) != {"body", "num_scan_inputs"}:
+      continue  # Axes or directions other than the defaults.
+    scan_inputs = attributes["num_scan_inputs"].i
+    carried = len(node.input) - scan_inputs
+    sequences = list(node.input[carried:])
+    if not all(name in initializers for name in sequences):
+      continue
+    arrays = [numpy_helper.to_array(initializers[name]) for name in sequences]
+    length = arrays[0].shape[0] if arrays[0].ndim else 0
+    if not 1 <= length <= max_iterations or any(a.ndim == 0 or a.shape[0] != length
+                                                for a in arrays):
+      continue
+    body = attributes["body"].g
+    stacked_outputs = len(body.output) - carried
+    nodes, constants = [], []
+    state = list(node.input[:carried])
+    stacked = [[] for _ in range(stacked_outputs)]
+    for iteration in range(length):
+      copy = onnx.GraphProto()
+      copy.CopyFrom(body)
+      prefix = f"{node.name}/iteration{iteration}/"
+      _prefix_names(copy, {name: prefix + name for name in _all_names(copy, set())}, prefix)
+      feeds = {copy.input[k].name: state[k] for k in range(carried)}
+      for array, value in zip(arrays, copy.input[carried:]):
+        constants.append(numpy_helper.from_array(np.ascontiguousarray(array[iteration]),
+                                                 value.name))
+      constants.extend(copy.initializer)
+      for inner in copy.node:
+        inner.input[:] = [feeds.get(name, name) for name in inner.input]
+        for sub in _subgraphs(inner):
+          for old, new in feeds.items():
+            if not _defines(sub, old):
+              _rename_uses(sub, old, new)
+        nodes.append(inner)
+      outputs = [feeds.get(value.name, value.name) for value in copy.output]
+      state = outputs[:carried]
+      for k in range(stacked_outputs):
+        stacked[k].append(outputs[carried + k])
+    for k in range(carried):
+      if node.output[k]:
+        nodes.append(onnx.helper.make_node("Identity", [state[k]], [node.output[k]]))
+    for k in range(stacked_outputs):
+      if not node.output[carried + k]:
+        continue
+      axes = f"{node.name}/axis0"
+      if not any(c.name == axes for c in constants):
+        constants.append(numpy_helper.from_array(np.array([0], np.int64), axes))
+      pieces = []
+      for iteration, name in enumerate(stacked[k]):
+        pieces.append(f"{node.name}/stacked{k}/{iteration}")
+        nodes.append(onnx.helper.make_node("Unsqueeze", [name, axes], [pieces[-1]]))
+      nodes.append(onnx.helper.make_node("Concat", pieces, [node.output[carried + k]], axis=0))
+    del graph.node[position]
+    for offset, inner in enumerate(nodes):
+      graph.node.insert(position + offset, inner)
+    graph.initializer.extend(constants)
+    initializers.update((c.name, c) for c in constants)
+    count += 1
+  return count
+
+
+def _rank(types, name: str) -> int | None:
+  value = types.get(name)
+  if value is None or not value.tensor_type.HasField("shape"):
+    return None
+  return len(value.tensor_type.shape.dim)
+
+
+def split_projections(graph, ranks: dict[str, int | None] | None = None) -> int:
+  """MatMul(x, W) [+ b] -> Split along the last axis, with W, b and the sizes constants of
+  `graph` and nothing else reading the product: one MatMul (+ Add) per piece with the columns
+  of W (and b) it needs, writing each piece directly (no product to copy apart; the fused
+  projections of the mixers and gated feed-forwards)."""
+  import onnx  # noqa: PLC0415 (the optional extra)
+  from onnx import numpy_helper  # noqa: PLC0415
+
+  initializers = {init.name: init for init in graph.initializer}
+  producers = _producers(graph)
+  readers: dict[str, int] = {}
+  for node in graph.node:
+    for name in node.input:
+      readers[name] = readers.get(name, 0) + 1
+  outputs = {value.name for value in graph.output}
+
+  def constant(name):
+    if name in initializers:
+      return numpy_helper.to_array(initializers[name])
+    node = producers.get(name)
+    if node is not None and node.op_type == "Reshape" and all(
+        x in initializers for x in node.input):
+      shape = numpy_helper.to_array(initializers[node.input[1]])
+      if shape.ndim == 1 and (shape > 0).all():
+        return numpy_helper.to_array(initializers[node.input[0]]).reshape(shape)
+    return None
+
+  def single_reader(name):
+    return readers.get(name, 0) == 1 and name not in outputs
+
+  count = 0
+  for split in list(graph.node):
+    if split.op_type != "Split" or len(split.input) != 2:
+      continue
+    sizes = constant(split.input[1])
+    axis = [a.i for a in split.attribute if a.name == "axis"]
+    axis = axis[0] if axis else 0
+    product, add, bias = split.input[0], None, None
+    node = producers.get(product)
+    if sizes is None or node is None or not single_reader(product):
+      continue
+    if node.op_type == "Add":
+      values = [constant(x) for x in node.input]
+      if sum(v is not None for v in values) != 1:
+        continue
+      add, bias = node, next(v for v in values if v is not None)
+      product = next(x for x, v in zip(node.input, values) if v is None)
+      node = producers.get(product)
+      if node is None or not single_reader(product):
+        continue
+    if node.op_type != "MatMul":
+      continue
+    weight = constant(node.input[1])
+    if weight is None or weight.ndim != 2 or int(sizes.sum()) != weight.shape[1]:
+      continue
+    rank = (ranks or {}).get(split.input[0]) or (bias.ndim if bias is not None
+                                                 and bias.ndim > 1 else None)
+    if not (axis == -1 or (rank is not None and axis == rank - 1)):
+      continue
+    if bias is not None and (bias.shape[-1] != weight.shape[1]
+                             or any(d != 1 for d in bias.shape[:-1])):
+      continue
+    position = min(list(graph.node).index(n) for n in (node, add, split) if n is not None)
+    replacement, start = [], 0
+    for k, (size, output) in enumerate(zip(sizes.tolist(), split.output)):
+      columns = slice(start, start + size)
+      start += size
+      name = f"{node.name}/columns{k}"
+      graph.initializer.append(numpy_helper.from_array(
+          np.ascontiguousarray(weight[:, columns]), f"{name}/weight"))
+      if bias is None:
+        replacement.append(onnx.helper.make_node("MatMul", [node.input[0], f"{name}/weight"],
+                                                 [output], name=name))
+        continue
+      graph.initializer.append(numpy_helper.from_array(
+          np.ascontiguousarray(bias[..., columns]), f"{name}/bias"))
+      replacement += [
+          onnx.helper.make_node("MatMul", [node.input[0], f"{name}/weight"],
+                                [f"{name}/product"], name=name),
+          onnx.helper.make_node("Add", [f"{name}/product", f"{name}/bias"], [output],
+                                name=f"{name}/add")]
+    for old in (split, add, node):
+      if old is not None:
+        graph.node.remove(old)
+    for offset, new in enumerate(replacement):
+      graph.node.insert(position + offset, new)
+    count += 1
+  return count
+
+
+def _drop_unused_initializers(graph) -> int:
+  used: set[str] = set()
+
+  def collect(g):
+    for node in g.node:
+      used.update(node.input)
+      for body in _subgraphs(node):
+        collect(body)
+    used.update(value.name for value in g.output)
+
+  collect(graph)
+  unused = [init for init in graph.initializer if init.name not in used]
+  for init in unused:
+    graph.initializer.remove(init)
+  return len(unused)
+
+
+def _value_ranks(proto) -> dict[str, int | None]:
+  """{value name: rank} of the top-level graph's values, from onnx's shape inference (on a
+  copy)."""
+  from onnx import shape_inference  # noqa: PLC0415 (the optional extra)
+
+  graph = shape_inference.infer_shapes(proto).graph
+  return {value.name: _rank({value.name: value.type}, value.name)
+          for value in [*graph.value_info, *graph.output]}
+
+
 def rewrite(proto) -> dict[str, int]:
-  """All three rewrites on a ModelProto, in place; {rewrite name: nodes changed}."""
+  """All the rewrites on a ModelProto, in place; {rewrite name: nodes changed}."""
   graph = proto.graph
-  return {"hoist_loop_invariants": hoist_loop_invariants(graph),
-          "loops_to_scans": loops_to_scans(graph),
-          "einsums_to_matmuls": einsums_to_matmuls(graph)}
+  counts = {"hoist_loop_invariants": hoist_loop_invariants(graph),
+            "loops_to_scans": loops_to_scans(graph),
+            "unroll_constant_scans": unroll_constant_scans(graph),
+            "einsums_to_matmuls": einsums_to_matmuls(graph)}
+  counts["split_projections"] = split_projections(graph, _value_ranks(proto))
+  _drop_unused_initializers(graph)
+  return counts
