@@ -115,7 +115,8 @@ def test_scan_loop_becomes_scan_with_the_same_outputs():
   onnx.checker.check_model(model, full_check=True)
   after = _run(model, a=a, b=b)
   assert counts == {"hoist_loop_invariants": 2, "loops_to_scans": 1, "unroll_constant_scans": 0,
-                    "einsums_to_matmuls": 0, "split_projections": 0}
+                    "einsums_to_matmuls": 0, "split_projections": 0,
+                    "gelus_in_fused_order": 0}
   assert _op_types(model.graph) == ["Identity", "Neg", "Scan"]  # Identity: b_final = b.
   (scan,) = [n for n in model.graph.node if n.op_type == "Scan"]
   body = scan.attribute[0].g
@@ -345,3 +346,104 @@ def test_split_projections_that_must_stay():
   for model in (_projection_model(axis=1)[0], _projection_model(extra_reader=True)[0]):
     assert onnx_rewrites.split_projections(model.graph, {"biased": 3}) == 0
     assert "Split" in _op_types(model.graph)
+
+
+def _tanh_gelu_model(extra_reader=False, x_late=False):
+  """jax.nn.gelu(x, approximate=True) in jax2onnx's node order: ... Tanh -> Add(1) -> Mul(0.5)
+  -> Mul(x). `extra_reader`: the halved sum is also an output; `x_late`: the last product's
+  other factor is computed after the halving (not x)."""
+  _, tensor, helper = _helpers()
+  constants = {"three": 3.0, "cubic": 0.044715, "root": float(np.float32(np.sqrt(2 / np.pi))),
+               "one": 1.0, "half": 0.5}
+  nodes = [helper.make_node("Pow", ["x", "three"], ["cube"]),
+           helper.make_node("Mul", ["cubic", "cube"], ["scaled_cube"]),
+           helper.make_node("Add", ["x", "scaled_cube"], ["inner"]),
+           helper.make_node("Mul", ["root", "inner"], ["argument"]),
+           helper.make_node("Tanh", ["argument"], ["tanh"]),
+           helper.make_node("Add", ["one", "tanh"], ["one_plus"]),
+           helper.make_node("Mul", ["half", "one_plus"], ["cdf"])]
+  factor = "x"
+  if x_late:
+    nodes.append(helper.make_node("Neg", ["x"], ["minus_x"]))
+    factor = "minus_x"
+  nodes += [helper.make_node("Mul", [factor, "cdf"], ["gelu"]),
+            # (onnxruntime fuses no GELU whose result is a graph output.)
+            helper.make_node("Mul", ["gelu", "three"], ["y"])]
+  outputs = [_value("y", [2, 64])] + ([_value("cdf", [2, 64])] if extra_reader else [])
+  graph = helper.make_graph(
+      nodes, "gelu", [_value("x", [2, 64])], outputs,
+      initializer=[helper.make_tensor(name, tensor.FLOAT, [], [value])
+                   for name, value in constants.items()])
+  return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _fused_op_types(model, optimize: bool) -> list[str]:
+  """The op types onnxruntime runs for `model` (its optimised graph), or with no optimisation."""
+  import tempfile  # noqa: PLC0415
+
+  import onnxruntime  # noqa: PLC0415
+
+  onnx, _, _ = _helpers()
+  options = onnxruntime.SessionOptions()
+  options.log_severity_level = 3
+  if not optimize:
+    options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+  with tempfile.TemporaryDirectory() as directory:
+    options.optimized_model_filepath = f"{directory}/optimized.onnx"
+    onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                 providers=["CPUExecutionProvider"])
+    return [node.op_type for node in onnx.load(options.optimized_model_filepath).graph.node]
+
+
+def _run_unoptimized(model, **feeds):
+  import onnxruntime  # noqa: PLC0415
+
+  options = onnxruntime.SessionOptions()
+  options.log_severity_level = 3
+  options.graph_optimization_level = onnxruntime.GraphOptimizationLevel.ORT_DISABLE_ALL
+  session = onnxruntime.InferenceSession(model.SerializeToString(), options,
+                                         providers=["CPUExecutionProvider"])
+  return session.run(None, feeds)
+
+
+def test_tanh_gelu_reordered_bit_identical_and_fused_by_onnxruntime():
+  """The swapped products give the same bits as jax2onnx's order when onnxruntime runs the
+  operations one by one (normal inputs, |x| up to 30, zeros); with its optimiser on, the
+  rewritten graph runs as one FastGelu (the reason for the rewrite) and stays within float32
+  rounding of numpy's formula."""
+  rng = np.random.default_rng(5)
+  x = (rng.normal(size=(2, 64)) * np.array([[0.01], [10.0]])).astype(np.float32)
+  x[0, :3] = [0.0, 30.0, -30.0]
+  model = _tanh_gelu_model()
+  assert "FastGelu" not in _fused_op_types(model, optimize=True)
+  before = _run_unoptimized(model, x=x)
+  assert onnx_rewrites.gelus_in_fused_order(model.graph) == 1
+  after = _run_unoptimized(model, x=x)
+  np.testing.assert_array_equal(after[0], before[0])
+  assert "FastGelu" in _fused_op_types(model, optimize=True)
+  assert "Tanh" not in _fused_op_types(model, optimize=True)
+  x64 = x.astype(np.float64)
+  reference = 1.5 * x64 * (1 + np.tanh(np.sqrt(2 / np.pi) * (x64 + 0.044715 * x64 ** 3)))
+  np.testing.assert_allclose(_run(model, x=x)[0], reference, rtol=2e-6, atol=4e-6)
+
+
+@pytest.mark.parametrize("extra_reader, x_late", [(True, False), (False, True)])
+def test_tanh_gelus_that_must_stay(extra_reader, x_late):
+  """A halved sum read elsewhere, or a last factor computed after the halving: unchanged."""
+  model = _tanh_gelu_model(extra_reader=extra_reader, x_late=x_late)
+  nodes = [list(node.input) for node in model.graph.node]
+  assert onnx_rewrites.gelus_in_fused_order(model.graph) == 0
+  assert [list(node.input) for node in model.graph.node] == nodes
+
+
+def test_jax2onnx_gelu_is_rewritten_and_equals_jax():
+  """jax.nn.gelu (tanh form) through jax2onnx: one GELU reordered, onnxruntime within float32
+  rounding of JAX (FastGelu returns -0 where the GELU of a very negative x is ~ -1e-6)."""
+  import jax  # noqa: PLC0415
+  import jax2onnx  # noqa: PLC0415
+
+  x = np.random.default_rng(6).normal(size=(3, 40)).astype(np.float32) * 3
+  proto = jax2onnx.to_onnx(lambda v: jax.nn.gelu(v) * 2.0, [x], model_name="gelu", opset=17)
+  assert onnx_rewrites.gelus_in_fused_order(proto.graph) == 1
+  np.testing.assert_allclose(_run(proto, **{proto.graph.input[0].name: x})[0],
+                             np.asarray(jax.nn.gelu(x) * 2.0), rtol=2e-6, atol=4e-6)
