@@ -211,8 +211,10 @@ def test_only_the_mixers_two_dense_layers_compute_in_bfloat16(implementation):
   mixer = layers.LinearRNNMixer(16, jnp.bfloat16, implementation, 8)
   jaxpr = _traced(mixer, jnp.ones((2, 20, 8), jnp.float32), jnp.ones((2, 20), jnp.float32))
   narrow = [e.primitive.name for e in _equations(jaxpr) if "bfloat16" in _dtypes(e.outvars)]
+  # (With 'two_pass' the output projection's result is also moved back from the chunk-position
+  # layout, transpose / reshape / slice: data movement, no arithmetic.)
   assert set(narrow) <= {"dot_general", "add", "convert_element_type", "reshape",
-                         "custom_vjp_call"}, narrow
+                         "custom_vjp_call", "transpose", "slice"}, narrow
   assert narrow.count("dot_general") == 2 and narrow.count("add") == 2, narrow
   assert narrow.count("custom_vjp_call") == 2, narrow
 

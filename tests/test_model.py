@@ -398,3 +398,22 @@ def test_sources_must_match_the_model_speakers():
     validation.check_sources(np.zeros((1, 3, 800)), np.zeros((1, 800)), config)
   with pytest.raises(ValueError, match="do not match"):
     validation.check_sources(np.zeros((1, 2, 700)), np.zeros((1, 800)), config)
+
+
+def test_two_pass_mixer_in_chunk_positions_equals_the_associative_one():
+  """LinearRNNMixer with 'two_pass' runs in the chunk-position layout (its own code path):
+  outputs and every parameter's gradient equal the associative mixer's, rows padded."""
+  x = jax.random.normal(jax.random.key(21), (3, 45, 8))
+  mask = (jnp.arange(45)[None] < jnp.array([[45], [30], [7]])).astype(jnp.float32)
+  weights = jax.random.normal(jax.random.key(22), (3, 45, 8))
+  params = layers.LinearRNNMixer(12, recurrence="associative").init(jax.random.key(23), x, mask)
+  params = randomise(params, jax.random.key(24))
+
+  def loss(implementation, params):
+    mixer = layers.LinearRNNMixer(12, recurrence=implementation, recurrence_chunk=8)
+    return jnp.sum(jnp.sin(mixer.apply(params, x, mask)) * weights)
+
+  for value, expected in zip(jax.value_and_grad(functools.partial(loss, "two_pass"))(params),
+                             jax.value_and_grad(functools.partial(loss, "associative"))(params)):
+    for a, b in zip(jax.tree_util.tree_leaves(value), jax.tree_util.tree_leaves(expected)):
+      np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(np.abs(b).max()))

@@ -22,7 +22,8 @@ from press_jax.models.dense import Dense
 
 # The recurrence kernels live in their own module; re-exported here for the blocks' users.
 from press_jax.models.recurrence import (  # noqa: F401
-    RECURRENCE_IMPLEMENTATIONS, bidirectional_recurrence, linear_recurrence)
+    RECURRENCE_IMPLEMENTATIONS, bidirectional_by_chunk_position, bidirectional_recurrence,
+    from_chunk_positions, linear_recurrence, resolve_implementation, to_chunk_positions)
 
 
 def residual_dtype(x) -> jnp.dtype:
@@ -75,18 +76,29 @@ class LinearRNNMixer(nn.Module):
       x: Float[Array, "batch time width"],
       frame_mask: Float[Array, "batch time"],
   ) -> Float[Array, "batch time width"]:
-    width = x.shape[-1]
+    width, time = x.shape[-1], x.shape[-2]
+    keep = frame_mask[..., None].astype(jnp.float32)
+    # The two-pass kernel works in the chunk-position layout: rearrange the D-wide input and
+    # output once, not the H-wide decays and drives (recurrence.py, "the chunk-position
+    # layout"). Every other operation here acts frame by frame, so the layout changes nothing.
+    by_position = resolve_implementation(self.recurrence) == "two_pass"
+    if by_position:
+      x = to_chunk_positions(x, self.recurrence_chunk)
+      keep = to_chunk_positions(keep, self.recurrence_chunk)  # Frames after the end: 0.
     projected = Dense(3 * self.hidden, dtype=self.dtype, name="in_projection")(x)
     update_logit, candidate, gate = jnp.split(projected.astype(jnp.float32), 3, axis=-1)
     update = jax.nn.sigmoid(update_logit)
-    keep = frame_mask[..., None].astype(jnp.float32)
     decay = (1.0 - update) * keep
     drive = update * candidate * keep
-    forward, backward = bidirectional_recurrence(
-        decay, drive, implementation=self.recurrence, chunk=self.recurrence_chunk)
+    if by_position:
+      forward, backward = bidirectional_by_chunk_position(decay, drive)
+    else:
+      forward, backward = bidirectional_recurrence(
+          decay, drive, implementation=self.recurrence, chunk=self.recurrence_chunk)
     skip = self.param("skip", nn.initializers.ones, (self.hidden,))
     mixed = (forward + backward + skip * candidate) * nn.gelu(gate)
-    return Dense(width, dtype=self.dtype, name="out_projection")(mixed.astype(self.dtype))
+    out = Dense(width, dtype=self.dtype, name="out_projection")(mixed.astype(self.dtype))
+    return from_chunk_positions(out, time) if by_position else out
 
 
 class SpeakerAttention(nn.Module):
