@@ -94,6 +94,24 @@ def test_forward_and_gradient_match_a_numpy_loop(implementation, dtype, reverse)
   assert _relative_error(grad_drive, expected_drive) < TOLERANCE[dtype]
 
 
+def _assert_rows_match_loops(lengths, inputs, results):
+  """Each row's valid frames of (forward, backward, d decay, d drive) of sum(cotangent *
+  (forward + 0.5 backward)) against the numpy loops over those frames alone."""
+  decay, drive, cotangent = inputs
+  forward, backward, grad_decay, grad_drive = results
+  for row, length in enumerate(lengths):
+    a, b, g = decay[row, :length], drive[row, :length], cotangent[row, :length]
+    np.testing.assert_allclose(forward[row, :length], numpy_loop(a, b), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(backward[row, :length], numpy_loop(a, b, True), rtol=1e-5,
+                               atol=1e-5)
+    gf_a, gf_b = numpy_loop_gradient(a, b, g)
+    gb_a, gb_b = numpy_loop_gradient(a, b, 0.5 * g, reverse=True)
+    np.testing.assert_allclose(grad_drive[row, :length], gf_b + gb_b, rtol=1e-5, atol=1e-5)
+    # The backward pass's first valid frame sees the padding's zero state: no decay gradient
+    # flows from the padding, so the valid-frame decay gradients equal the loop's.
+    np.testing.assert_allclose(grad_decay[row, :length], gf_a + gb_a, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_bidirectional_with_padding_resets_like_a_loop_over_valid_frames(implementation):
   """Padded frames (decay = drive = 0, as the mixer masks them) never reach valid frames."""
@@ -114,17 +132,8 @@ def test_bidirectional_with_padding_resets_like_a_loop_over_valid_frames(impleme
   forward, backward = recurrence.bidirectional_recurrence(
       padded_decay, padded_drive, implementation=implementation, chunk=4)
   grad_decay, grad_drive = jax.grad(objective, (0, 1))(padded_decay, padded_drive)
-  for row, length in enumerate(lengths):
-    a, b, g = decay[row, :length], drive[row, :length], cotangent[row, :length]
-    np.testing.assert_allclose(forward[row, :length], numpy_loop(a, b), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(backward[row, :length], numpy_loop(a, b, True), rtol=1e-5,
-                               atol=1e-5)
-    gf_a, gf_b = numpy_loop_gradient(a, b, g)
-    gb_a, gb_b = numpy_loop_gradient(a, b, 0.5 * g, reverse=True)
-    np.testing.assert_allclose(grad_drive[row, :length], gf_b + gb_b, rtol=1e-5, atol=1e-5)
-    # The backward pass's first valid frame sees the padding's zero state: no decay gradient
-    # flows from the padding, so the valid-frame decay gradients equal the loop's.
-    np.testing.assert_allclose(grad_decay[row, :length], gf_a + gb_a, rtol=1e-5, atol=1e-5)
+  _assert_rows_match_loops(lengths, (decay, drive, cotangent),
+                           (forward, backward, grad_decay, grad_drive))
 
 
 def test_a_zero_decay_resets_the_chunked_state_exactly_enough():
@@ -240,15 +249,8 @@ def test_bidirectional_by_chunk_position_with_padding_matches_loops(chunk, time)
           jnp.asarray(np.where(keep, decay, 0.0), jnp.float32),
           jnp.asarray(np.where(keep, drive, 0.0), jnp.float32), jnp.asarray(cotangent,
                                                                            jnp.float32))
-  for row, length in enumerate(lengths):
-    a, b, g = decay[row, :length], drive[row, :length], cotangent[row, :length]
-    np.testing.assert_allclose(forward[row, :length], numpy_loop(a, b), rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(backward[row, :length], numpy_loop(a, b, True), rtol=1e-5,
-                               atol=1e-5)
-    gf_a, gf_b = numpy_loop_gradient(a, b, g)
-    gb_a, gb_b = numpy_loop_gradient(a, b, 0.5 * g, reverse=True)
-    np.testing.assert_allclose(grad_drive[row, :length], gf_b + gb_b, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(grad_decay[row, :length], gf_a + gb_a, rtol=1e-5, atol=1e-5)
+  _assert_rows_match_loops(lengths, (decay, drive, cotangent),
+                           (forward, backward, grad_decay, grad_drive))
 
 
 def test_bidirectional_by_chunk_position_at_a_symbolic_length():
