@@ -468,32 +468,39 @@ def _positions_shift_earlier(x):
 
 def _positions_two_pass(decay_forward, drive_forward, decay_backward, drive_backward):
   """The forward recurrence of the first pair and the time-reversed one of the second, every
-  array (chunk, ..., count, H); both directions in one pair of sweeps (stacked on axis 1, the
-  second with its positions reversed), the chunk states combined in each direction's order."""
-  decay = jnp.stack([decay_forward, jnp.flip(decay_backward, 0)], axis=1)
-  drive = jnp.stack([drive_forward, jnp.flip(drive_backward, 0)], axis=1)
-  zero = drive[0] * 0.0  # (2, ..., count, H), built from an input (symbolic shapes, ONNX).
+  array (chunk, ..., count, H): each direction's two sweeps over the chunk positions (the
+  second direction's positions reversed), the chunk states of both combined in one doubling
+  call. The directions are swept apart, not stacked into one array: stacking copied both
+  inputs and both outputs once more (S's mixer on 10 s in onnxruntime: 198.5 against 171.7 ms,
+  medians of 11)."""
+  decay_backward, drive_backward = jnp.flip(decay_backward, 0), jnp.flip(drive_backward, 0)
+  zero = drive_forward[0] * 0.0  # (..., count, H), built from an input (symbolic shapes, ONNX).
 
   def sweep_from_zero(carry, frame):
     (state, product), (a, b) = carry, frame
     return (a * state + b, a * product), None
-
-  (ends, products), _ = jax.lax.scan(sweep_from_zero, (zero, zero + 1.0), (decay, drive))
-  # Each chunk maps its incoming state h to products * h + ends; combined over the chunks in
-  # each direction's order (the second's chunks reversed, so one doubling call, one loop, does
-  # both: small arrays), then shifted by one chunk: the state entering each chunk.
-  def in_order(x):
-    return jnp.stack([x[0], jnp.flip(x[1], -2)])
-
-  incoming = in_order(_shift_by(_doubling(in_order(products), in_order(ends), False), 1, 0.0))
 
   def sweep_from_incoming(state, frame):
     a, b = frame
     state = a * state + b
     return state, state
 
-  _, states = jax.lax.scan(sweep_from_incoming, incoming, (decay, drive))
-  return states[:, 0], jnp.flip(states[:, 1], 0)
+  (forward_ends, forward_products), _ = jax.lax.scan(
+      sweep_from_zero, (zero, zero + 1.0), (decay_forward, drive_forward))
+  (backward_ends, backward_products), _ = jax.lax.scan(
+      sweep_from_zero, (zero, zero + 1.0), (decay_backward, drive_backward))
+  # Each chunk maps its incoming state h to products * h + ends; combined over the chunks in
+  # each direction's order (the second's chunks reversed, so one doubling call, one loop, does
+  # both: small arrays), then shifted by one chunk: the state entering each chunk.
+  def in_order(forward, backward):
+    return jnp.stack([forward, jnp.flip(backward, -2)])
+
+  incoming = _shift_by(_doubling(in_order(forward_products, backward_products),
+                                 in_order(forward_ends, backward_ends), False), 1, 0.0)
+  _, forward = jax.lax.scan(sweep_from_incoming, incoming[0], (decay_forward, drive_forward))
+  _, backward = jax.lax.scan(sweep_from_incoming, jnp.flip(incoming[1], -2),
+                             (decay_backward, drive_backward))
+  return forward, jnp.flip(backward, 0)
 
 
 @jax.custom_vjp
