@@ -4,7 +4,7 @@ jax2onnx 0.17 lowers every `lax.scan` to an ONNX `Loop` whose loop-carried state
 scan's inputs (`xs`, whole) beside its carry; the body takes element i with a `Gather` and
 passes the whole `xs` on to the next iteration through an `Identity`, which onnxruntime runs
 as a copy. Every `Dense` becomes an `Einsum` ("abc,cd->abd"), and a fused projection's pieces
-are cut apart by a `Split` (a copy). Five rewrites, applied in this order by `rewrite`
+are cut apart by a `Split` (a copy). Six rewrites, applied in this order by `rewrite`
 (press_jax/export/onnx_graphs.py calls it on every graph it writes):
 
 1. `hoist_loop_invariants`: a loop-carried value that the body passes through unchanged leaves
