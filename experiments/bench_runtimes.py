@@ -20,7 +20,9 @@ Per config (a config name or file of experiments/configs, as every entry point t
   first step's loss of both frameworks is printed beside the timings: they compute the same
   loss on the same batch (test: within 1e-4 relative).
 - inference per exit k: batch 1, `--audio-seconds` of audio (10 s), the median of `--repeats`
-  calls after a warm-up, as a real-time factor RTF = compute seconds / audio seconds (below 1:
+  calls after a warm-up, every runtime's calls alternated round by round (since session 22:
+  timed one after the other, the same graphs read 1.2x and 1.9x JAX's time in two runs), as a
+  real-time factor RTF = compute seconds / audio seconds (below 1:
   faster than real time). JAX (`jax_rtf`, what a JAX user runs): `forward_through_exit`
   jitted, the stages up to exit k with the model's own recurrence kernel (`auto`: sequential
   on CPU); beside it `jax_export_kernel_rtf`, `forward.graph_function(model, params, k)`
@@ -28,7 +30,7 @@ Per config (a config name or file of experiments/configs, as every entry point t
   onnxruntime: the ONNX graph of exit k (`press_jax.export.onnx_graphs.export_exit`, as
   press-export writes it), a session with onnxruntime's default threads, and with
   `--onnx-as-converted` also jax2onnx's graph without press_jax's rewrites
-  (`onnxruntime_as_converted_rtf`; press_jax/export/onnx_rewrites.py), calls alternated;
+  (`onnxruntime_as_converted_rtf`; press_jax/export/onnx_rewrites.py);
   PyTorch: the port's `forward(max_exit=k)` under
   `torch.no_grad()` (it runs the heads of the exits before k too).
 
@@ -155,41 +157,49 @@ def inference_inputs(sample_rate: int, seconds: float, seed: int) -> tuple[np.nd
   return batch["mixture"], batch["mask"]
 
 
-def jax_inference(model, params, exit_number: int, mixture, mask, repeats: int,
-                  export_kernel: bool = False) -> float:
-  """Seconds per call through exit k: the model as configured, or (`export_kernel`) the
-  function the exports trace, with their recurrence kernel."""
+def jax_inference(model, params, exit_number: int, mixture, mask,
+                  export_kernel: bool = False) -> Callable[[], Any]:
+  """A blocking call through exit k: the model as configured, or (`export_kernel`) the
+  function the exports trace, with their recurrence kernel. Compiled by its first call."""
   if export_kernel:
     function = jax.jit(forward.graph_function(model, params, exit_number))
   else:
     arrays = jax.tree_util.tree_map(jax.numpy.asarray, params)
     function = jax.jit(lambda mixture, mask: forward.forward_through_exit(
         model, arrays, mixture, mask, exit_number=exit_number))
-  return median_call(lambda: jax.block_until_ready(function(mixture, mask)), repeats)
+  return lambda: jax.block_until_ready(function(mixture, mask))
 
 
-def onnx_inference(model, params, exit_number: int, mixture, mask, repeats: int,
-                   directory: str, as_converted: bool = False) -> tuple[float, float | None]:
-  """Seconds per call of exit k's ONNX graph as press-export writes it, and (`as_converted`)
-  of jax2onnx's graph without `onnx_rewrites`, the two sessions' calls alternated."""
-  sessions = []
+def onnx_inference(model, params, exit_number: int, mixture, mask, directory: str,
+                   as_converted: bool = False) -> dict[str, Callable[[], Any]]:
+  """Calls of exit k's ONNX graph as press-export writes it ('onnxruntime') and
+  (`as_converted`) of jax2onnx's graph without `onnx_rewrites` ('onnxruntime_as_converted')."""
+  calls = {}
   for rewrite in (True, False) if as_converted else (True,):
     path = f"{directory}/{'' if rewrite else 'converted_'}{onnx_graphs.exit_file(exit_number)}"
     onnx_graphs.save(path, onnx_graphs.export_exit(model, params, exit_number, rewrite=rewrite))
     session = onnx_graphs.load(path)
-    onnx_graphs.call(session, mixture, mask)  # Warm-up.
-    sessions.append(session)
-  times: list[list[float]] = [[] for _ in sessions]
+    calls["onnxruntime" if rewrite else "onnxruntime_as_converted"] = (
+        lambda session=session: onnx_graphs.call(session, mixture, mask))
+  return calls
+
+
+def interleaved_medians(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
+  """Median wall seconds of each call, after one warm-up each, the calls alternated round by
+  round: every runtime meets the machine's same phases (its speed moves 1.5-2x within minutes,
+  and timed one after the other the same graphs read 1.2x and 1.9x JAX's time in two runs)."""
+  for call in calls.values():
+    call()
+  times: dict[str, list[float]] = {name: [] for name in calls}
   for _ in range(max(repeats, 1)):
-    for session, seconds in zip(sessions, times):
+    for name, call in calls.items():
       started = time.perf_counter()
-      onnx_graphs.call(session, mixture, mask)
-      seconds.append(time.perf_counter() - started)
-  medians = [statistics.median(seconds) for seconds in times]
-  return medians[0], (medians[1] if as_converted else None)
+      call()
+      times[name].append(time.perf_counter() - started)
+  return {name: statistics.median(seconds) for name, seconds in times.items()}
 
 
-def torch_inference(ported, exit_number: int, mixture, mask, repeats: int) -> float:
+def torch_inference(ported, exit_number: int, mixture, mask) -> Callable[[], Any]:
   import torch  # pylint: disable=import-outside-toplevel
 
   ported.eval()
@@ -199,7 +209,7 @@ def torch_inference(ported, exit_number: int, mixture, mask, repeats: int) -> fl
     with torch.no_grad():
       ported(mixture_t, mask_t, max_exit=exit_number)
 
-  return median_call(call, repeats)
+  return call
 
 
 # --- one config -----------------------------------------------------------------------------------
@@ -264,24 +274,21 @@ def bench_config(name: str, *, crop_seconds: float | None, audio_seconds: float,
     ported = torch_model(setup, params, directory) if "torch" not in missing else None
     inference = []
     for exit_number in range(1, config.exits + 1):
-      row = {"exit": exit_number,
-             "jax_rtf": jax_inference(setup.model, params, exit_number, mixture, mask,
-                                      repeats) / audio_seconds,
-             "jax_export_kernel_rtf": jax_inference(setup.model, params, exit_number, mixture,
-                                                    mask, repeats, export_kernel=True)
-                                      / audio_seconds,
-             "onnxruntime_rtf": None, "torch_rtf": None, "onnxruntime_vs_jax": None}
+      calls = {"jax": jax_inference(setup.model, params, exit_number, mixture, mask),
+               "jax_export_kernel": jax_inference(setup.model, params, exit_number, mixture,
+                                                  mask, export_kernel=True)}
       if "onnxruntime" not in missing:
-        seconds, converted_seconds = onnx_inference(
-            setup.model, params, exit_number, mixture, mask, repeats, directory,
-            as_converted=onnx_as_converted)
-        row["onnxruntime_rtf"] = seconds / audio_seconds
-        row["onnxruntime_vs_jax"] = row["onnxruntime_rtf"] / row["jax_rtf"]
-        if onnx_as_converted:
-          row["onnxruntime_as_converted_rtf"] = converted_seconds / audio_seconds
+        calls.update(onnx_inference(setup.model, params, exit_number, mixture, mask, directory,
+                                    as_converted=onnx_as_converted))
       if ported is not None:
-        row["torch_rtf"] = torch_inference(ported, exit_number, mixture, mask,
-                                           repeats) / audio_seconds
+        calls["torch"] = torch_inference(ported, exit_number, mixture, mask)
+      seconds = interleaved_medians(calls, repeats)
+      row = {"exit": exit_number, **{f"{name}_rtf": value / audio_seconds
+                                     for name, value in seconds.items()}}
+      row.setdefault("onnxruntime_rtf", None)
+      row.setdefault("torch_rtf", None)
+      row["onnxruntime_vs_jax"] = (None if row["onnxruntime_rtf"] is None
+                                   else row["onnxruntime_rtf"] / row["jax_rtf"])
       log(f"exit {exit_number}: RTF JAX {row['jax_rtf']:.4f} (export kernel "
           f"{row['jax_export_kernel_rtf']:.4f}), onnxruntime "
           f"{_number(row['onnxruntime_rtf'], '.4f')}, PyTorch {_number(row['torch_rtf'], '.4f')}")
