@@ -185,14 +185,16 @@ def onnx_inference(model, params, exit_number: int, mixture, mask, directory: st
 
 
 def interleaved_medians(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, float]:
-  """Median wall seconds of each call, after one warm-up each, the calls alternated round by
-  round: every runtime meets the machine's same phases (its speed moves 1.5-2x within minutes,
-  and timed one after the other the same graphs read 1.2x and 1.9x JAX's time in two runs)."""
-  for call in calls.values():
-    call()
+  """Median wall seconds of each call over `repeats` rounds, the runtimes alternated round by
+  round so that every runtime meets the machine's same phases (its speed moves 1.5-2x within
+  minutes; timed one after the other, the same graphs read 1.2x and 1.9x JAX's time in two
+  runs). In a round each runtime makes one untimed call, then the timed one: warm, as calls
+  back to back are (timed straight after another runtime's call, the demo's JAX calls of ~1 ms
+  per s of audio measured 1.7-2x slower, with or without a pause between)."""
   times: dict[str, list[float]] = {name: [] for name in calls}
   for _ in range(max(repeats, 1)):
     for name, call in calls.items():
+      call()
       started = time.perf_counter()
       call()
       times[name].append(time.perf_counter() - started)
