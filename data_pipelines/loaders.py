@@ -40,6 +40,7 @@ import tensorflow_datasets as tfds
 
 from data_pipelines import registry
 from data_pipelines import transforms
+from data_pipelines import waveform_cache
 
 _log = logging.getLogger(__name__)
 
@@ -202,6 +203,7 @@ def make_train_iterator(
     num_threads: int = 4,
     prefetch_batches: int = 4,
     manual_dir: str | os.PathLike | None = None,
+    cache_bytes: int = 0,
 ) -> DataIterator:
   """Endless (or num_epochs) batches of random crops for training.
 
@@ -229,6 +231,10 @@ def make_train_iterator(
     num_threads: reader threads.
     prefetch_batches: batches prepared ahead.
     manual_dir: the user's corpus, used if the dataset must be built first.
+    cache_bytes: decoded waveforms of this host's records kept in memory after
+      their first read, at most this many bytes per process (0: every crop
+      decodes its record; waveform_cache.WaveformCache). The batches are the
+      same either way.
 
   Returns:
     A DataIterator of {'mixture', 'sources', 'mask'} batches.
@@ -239,6 +245,9 @@ def make_train_iterator(
   metadata = info.metadata or {}
   sample_rate = int(metadata.get('sample_rate') or source[0]['sample_rate'])
   crop_samples = int(round(crop_seconds * sample_rate))
+  if cache_bytes < 0:
+    raise ValueError(f'cache_bytes must be >= 0 (bytes of decoded waveforms kept in '
+                     f'memory; 0: none), got {cache_bytes}.')
   if not 0.0 <= speed_perturbation < 0.5:
     raise ValueError(f'speed_perturbation must be in [0, 0.5), got '
                      f'{speed_perturbation}.')
@@ -250,18 +259,20 @@ def make_train_iterator(
         'sources (e.g. reverberant mixture with anechoic targets), so the '
         'sources cannot be remixed; use dynamic_mixing=False.')
   batch_size = batch_size_per_device * topology.num_devices
-  dataset = grain.MapDataset.source(source)
+  # Every record as float32 waveforms, kept after the first read up to cache_bytes.
+  waveforms = waveform_cache.WaveformCache(source, cache_bytes)
+  dataset = grain.MapDataset.source(waveforms)
   dataset = dataset[topology.process_index::topology.process_count]
   if len(dataset) == 0:
     raise ValueError(f'{dataset_name}/{split} has no examples for process '
                      f'{topology.process_index} of {topology.process_count}.')
   if shuffle:
     dataset = dataset.shuffle(seed=seed)
-  dataset = dataset.repeat(num_epochs).map(transforms.ToWaveforms())
+  dataset = dataset.repeat(num_epochs)
   if dynamic_mixing:
     snr_range = tuple(metadata.get('snr_range_db', (0.0, 40.0)))
     remix = transforms.DynamicMix(
-        source=source, crop_samples=crop_samples,
+        source=waveforms, crop_samples=crop_samples,
         enhancement=metadata.get('task') == 'enhancement', gain_db=gain_db,
         snr_range_db=snr_range, speed_perturbation=speed_perturbation)
     dataset = dataset.random_map(remix, seed=seed)

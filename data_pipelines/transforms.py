@@ -109,14 +109,6 @@ def _speed_changed_crop(waveform: np.ndarray, crop_samples: int,
 
 
 @dataclasses.dataclass(frozen=True)
-class ToWaveforms(grain.transforms.Map):
-  """Keeps the float waveforms of a record (drops ids and scalars)."""
-
-  def map(self, element):
-    return waveforms_of(element)
-
-
-@dataclasses.dataclass(frozen=True)
 class RandomCrop(grain.transforms.RandomMap):
   """Random fixed-length crops; short examples are zero-padded (mask 0).
 

@@ -94,7 +94,8 @@ def run_training(experiment: configs.ExperimentConfig, workdir: str) -> str:
   iterator = data_pipelines.make_train_iterator(
       data.dataset, split="train", batch_size_per_device=config.batch_size_per_device,
       crop_seconds=data.crop_seconds, seed=config.seed, dynamic_mixing=data.dynamic_mixing,
-      speed_perturbation=data.speed_perturbation, **data_arguments(data))
+      speed_perturbation=data.speed_perturbation,
+      cache_bytes=int(data.train_cache_gib * 2**30), **data_arguments(data))
   print(f"[train] {config.model} for {config.steps} steps, batch "
         f"{config.batch_size_per_device} x {jax.device_count()} devices, "
         f"{data.crop_seconds} s crops -> {stage_dir}", flush=True)

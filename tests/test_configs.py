@@ -168,6 +168,7 @@ def test_override_finetune_none():
     ("train.steps=many", r"invalid literal for int"),
     ("train.seed=None", r"None is not a valid TrainConfig.seed"),
     ("train.model_overrides.nope=1", r"PressConfig"),
+    ("data.train_cache_gib=-0.5", r"data: DataConfig.train_cache_gib must be >= 0"),
 ])
 def test_override_errors_name_the_field(assignment, message):
   with pytest.raises(ValueError, match=message) as error:

@@ -1,6 +1,8 @@
 """Train and full-length iterators on a small press_synth build."""
 
+import concurrent.futures
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -8,6 +10,7 @@ import pytest
 from data_pipelines import bench
 from data_pipelines import loaders
 from data_pipelines import registry
+from data_pipelines import waveform_cache
 
 CONFIG = 'clean_8k_n12-4-6'  # 12 train, 4 validation, 6 test mixtures
 RATE = 8000
@@ -236,6 +239,18 @@ def test_bench_prints_json(data_dir, capsys):
   result = json.loads(capsys.readouterr().out)
   assert result['examples_per_s'] > 0
   assert result['examples'] == 20
+  assert result['uncached_examples_per_s'] is None
+
+
+def test_bench_with_cache_times_the_reference_too(data_dir, capsys):
+  bench.main(['--config', CONFIG, '--data_dir', str(data_dir), '--json',
+              '--num_batches', '5', '--batch_size', '4', '--cache_gib', '0.5'])
+  result = json.loads(capsys.readouterr().out)
+  assert result['cache_gib'] == 0.5
+  assert result['examples_per_s'] > 0 and result['uncached_examples_per_s'] > 0
+  with pytest.raises(SystemExit):
+    bench.main(['--config', CONFIG, '--data_dir', str(data_dir), '--cache_gib', '-1'])
+  assert '--cache_gib must be >= 0' in capsys.readouterr().err
 
 
 def test_enhancement_dynamic_mixing_draws_snr_in_range(tmp_path):
@@ -258,3 +273,76 @@ def test_worker_processes_give_the_same_batches(data_dir):
     with_workers = [next(iterator) for _ in range(2)]
   in_process = train_iterator(data_dir)
   assert_batches_equal([next(in_process) for _ in range(2)], with_workers)
+
+
+# --- The waveform cache (data_pipelines/waveform_cache.py) ------------------------------------
+
+@pytest.mark.parametrize('dynamic_mixing,speed', [(False, 0.0), (True, 0.0), (False, 0.1)])
+def test_cached_batches_equal_uncached_ones(data_dir, dynamic_mixing, speed):
+  # 7 batches of 4 from 12 records: past two epochs, so later batches come from the cache.
+  kwargs = dict(dynamic_mixing=dynamic_mixing, speed_perturbation=speed)
+  uncached = train_iterator(data_dir, **kwargs)
+  expected = [next(uncached) for _ in range(7)]
+  cached = train_iterator(data_dir, cache_bytes=2**30, **kwargs)
+  assert_batches_equal(expected, [next(cached) for _ in range(7)])
+  resumed = train_iterator(data_dir, cache_bytes=2**30, **kwargs)
+  resumed.set_state(uncached.get_state())
+  assert_batches_equal([next(uncached) for _ in range(2)],
+                       [next(resumed) for _ in range(2)])
+
+
+def test_cache_keeps_records_up_to_its_bound_and_reads_the_rest(data_dir):
+  source, _, _ = loaders.open_split('press_synth', data_dir, 'train', config=CONFIG)
+  sizes = [source[i]['mixture'].nbytes + source[i]['sources'].nbytes
+           for i in range(len(source))]
+  bound = sizes[0] + sizes[1] + sizes[2] // 2  # Two records and half of a third.
+  cache = waveform_cache.WaveformCache(source, bound)
+  for index in [0, 1, 2, 3, 0, 11, -1]:
+    example = cache[index]
+    record = source[index % len(source)]
+    np.testing.assert_array_equal(example['mixture'], record['mixture'])
+    np.testing.assert_array_equal(example['sources'], record['sources'])
+    assert example['mixture'].dtype == np.float32
+  assert cache.cached_records == 2
+  assert cache.cached_bytes == sizes[0] + sizes[1] <= bound
+  assert cache[0] is cache[0]  # Held, not decoded again.
+  assert cache[3] is not cache[3]  # Past the bound: decoded each time.
+  nothing = waveform_cache.WaveformCache(source, 0)
+  nothing[0]
+  assert nothing.cached_records == 0
+  with pytest.raises(IndexError, match='out of range for 12 records'):
+    cache[12]
+
+
+def test_cached_waveforms_are_read_only(data_dir):
+  source, _, _ = loaders.open_split('press_synth', data_dir, 'train', config=CONFIG)
+  cache = waveform_cache.WaveformCache(source, 2**30)
+  with pytest.raises(ValueError, match='read-only'):
+    cache[0]['sources'][0, 0] = 1.0
+
+
+def test_cache_pickles_empty_and_reads_the_same(data_dir):
+  source, _, _ = loaders.open_split('press_synth', data_dir, 'train', config=CONFIG)
+  cache = waveform_cache.WaveformCache(source, 2**30)
+  cache[0], cache[1]
+  copy = pickle.loads(pickle.dumps(cache))
+  assert copy.cached_records == 0 and copy.max_bytes == 2**30
+  np.testing.assert_array_equal(copy[1]['mixture'], cache[1]['mixture'])
+
+
+def test_cache_from_threads_holds_each_record_once(data_dir):
+  source, _, _ = loaders.open_split('press_synth', data_dir, 'train', config=CONFIG)
+  cache = waveform_cache.WaveformCache(source, 2**30)
+  indices = [i % 12 for i in range(96)]
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    results = list(pool.map(cache.__getitem__, indices))
+  assert cache.cached_records == 12
+  assert cache.cached_bytes == sum(
+      source[i]['mixture'].nbytes + source[i]['sources'].nbytes for i in range(12))
+  for index, example in zip(indices, results):
+    np.testing.assert_array_equal(example['mixture'], source[index]['mixture'])
+
+
+def test_negative_cache_size_is_refused(data_dir):
+  with pytest.raises(ValueError, match='cache_bytes must be >= 0'):
+    train_iterator(data_dir, cache_bytes=-1)

@@ -49,6 +49,15 @@ class DataConfig:
   bucket_seconds: tuple[float, ...] = (3.0, 4.5, 6.0, 8.0)
   eval_batch_size_per_device: int = 4
   max_validation_batches: int | None = 8  # Validation during training uses at most this many.
+  # Decoded training records kept in memory after their first read, per process (0: decode
+  # every crop's record from disk; docs/data.md, "The waveform cache"). press_synth's training
+  # split is ~0.9 GiB; larger corpora are cached up to the bound and read past it.
+  train_cache_gib: float = 2.0
+
+  def __post_init__(self):
+    if not self.train_cache_gib >= 0:
+      raise ValueError(f"DataConfig.train_cache_gib must be >= 0 (GiB of decoded training "
+                       f"waveforms kept in memory; 0: none), got {self.train_cache_gib}")
 
 
 @dataclasses.dataclass(frozen=True)
