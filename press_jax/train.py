@@ -131,11 +131,15 @@ class TrainResult:
 SCHEDULE_FILE = "schedule.json"
 REPLAN_MARGIN = 0.97  # Plan for this share of the projected steps (checkpoints, drift).
 REPLAN_TOLERANCE = 0.98  # Re-plan only if the projection is below this share of the plan.
-# A shortened plan grows back (towards `steps`, once per call) when the projection exceeds it
-# by this factor: a plan made at the first measured rate leaves time unused on a machine that
-# then runs faster (the demo: 56 of its 540 s).
+# A shortened plan grows back (towards `steps`, at most MAX_GROWTHS times per call) when the
+# projection exceeds it by this factor: a plan made at the first measured rates leaves time
+# unused on a machine that then runs faster (the demo: 56 of its 540 s in session 11; 110 s in
+# session 23, when one growth was allowed and the first epoch, read before the waveform cache
+# held it, ran at ~9 steps/s and the rest at 12-14).
 REPLAN_GROWTH = 1.05
-GROWTH_ROWS = 4  # Log rows of measured rate (past the compilation) before a plan may grow.
+GROWTH_ROWS = 4  # Log rows of measured rate since the last re-plan (or the compilation) before
+# a plan may grow.
+MAX_GROWTHS = 4
 
 
 def read_schedule(workdir: str) -> dict[str, Any] | None:
@@ -294,7 +298,8 @@ def train(
   # shorten the plan. A re-plan compiles nothing (the table is an input of the step).
   rates: list[float] = []
   rate_origin: tuple[int, float] | None = None
-  grown = False  # Whether this call grew its plan (once at most: a plan that rarely changes).
+  growths = 0  # Times this call grew its plan (at most MAX_GROWTHS: a plan that rarely changes).
+  rows_at_replan = 0  # len(rates) at this call's last re-plan.
 
   def handle(step_number, metrics):
     nonlocal window_start, window_step, window_sums, window_finite, rate_origin
@@ -335,19 +340,21 @@ def train(
 
   def maybe_replan():
     """Shorten the plan when this call's latest rate will not reach it before the time limit;
-    grow a shortened plan back (once per call, never past `steps`) when clearly more fits.
+    grow a shortened plan back (up to MAX_GROWTHS times per call, each GROWTH_ROWS rows after
+    the last re-plan, never past `steps`) when clearly more fits.
 
     Single-process runs only: hosts measure their own rates and would decide differently (a
     multi-host run keeps its plan and stops at the time limit, as without this option).
     """
-    nonlocal plan_steps, replans, schedule, plan_table, grown
+    nonlocal plan_steps, replans, schedule, plan_table, growths, rows_at_replan
     if (not config.anneal_to_time_limit or not config.time_limit_s or not rates
         or jax.process_count() > 1 or len(replans) >= optim.MAX_REPLANS):
       return  # No rate past the compilation yet; multi-host runs keep their plan.
     remaining = config.time_limit_s - (time.perf_counter() - started)
     projected = replanned_steps(step, rates[-1], remaining)
     shrink = projected < plan_steps * REPLAN_TOLERANCE
-    grow = (not grown and plan_steps < config.steps and len(rates) >= GROWTH_ROWS
+    grow = (growths < MAX_GROWTHS and plan_steps < config.steps
+            and len(rates) - rows_at_replan >= GROWTH_ROWS
             and projected >= plan_steps * REPLAN_GROWTH)
     if not (shrink or grow):
       return  # The plan fits, and no more than it would.
@@ -358,7 +365,8 @@ def train(
     update = step // accumulation
     if not update < new_total or (new_total >= total if shrink else new_total <= total):
       return
-    grown = grown or grow
+    growths += int(grow)
+    rows_at_replan = len(rates)
     replans = replans + ((update, new_total),)
     plan_steps = steps
     # The same compiled step goes on with the new table: nothing to recompile, and the rate

@@ -167,11 +167,12 @@ def grow_config(steps=24):
       peak_learning_rate=1e-3, warmup_steps=2, total_steps=steps))
 
 
-def test_a_shortened_plan_grows_back_once_when_more_fits(tmp_path, monkeypatch):
+def test_a_shortened_plan_grows_back_when_more_fits(tmp_path, monkeypatch):
   """24 planned steps; at step 4 the projection says 16 fit (shortened); later 22 fit (the
-  machine got faster). The rate needs GROWTH_ROWS rows past the compilation (4..10) before the
-  plan may grow: it grows to 22 on row 10's decision, made once step 11 is dispatched (update
-  11), once, and the rate still ends at 0 there. Both re-plans run on the one compiled step."""
+  machine got faster). The plan may grow only GROWTH_ROWS rows of rate after its last re-plan
+  (the shrink on row 4, the first rate; rows 6..12): it grows to 22 on row 12's decision, made
+  once step 13 is dispatched (update 12), and the rate still ends at 0 there. Both re-plans run
+  on the one compiled step."""
   decisions, built = [], []
 
   def projection(step, rate, remaining_s):
@@ -187,7 +188,7 @@ def test_a_shortened_plan_grows_back_once_when_more_fits(tmp_path, monkeypatch):
   monkeypatch.setattr(train_lib, "GROWTH_ROWS", 4)
   monkeypatch.setattr(train_lib.step_lib, "parallel_train_step", parallel_train_step)
   result = train_lib.train(grow_config(), str(tmp_path / "grow"), iterator())
-  replans = ((4, 16), (11, 22))
+  replans = ((4, 16), (12, 22))
   assert result.replans == replans and result.planned_steps == 22
   assert not result.stopped_early
   # One step function, traced (and compiled) once: the re-plans changed its input only.
@@ -200,9 +201,33 @@ def test_a_shortened_plan_grows_back_once_when_more_fits(tmp_path, monkeypatch):
   assert reference_rate(22, 1e-3, 2, 24, replans) == 0.0
   # Rows between the two re-plans decided but had too few rows to grow; after growing, later
   # rows still decide and change nothing.
-  assert any(4 < d < 11 for d in decisions) and any(d > 11 for d in decisions)
+  assert any(4 < d < 12 for d in decisions) and any(d > 12 for d in decisions)
   assert [row["replan"] for row in result.history if "replan" in row][-1] == {
-      "steps": 22, "update": 11, "total_updates": 22}
+      "steps": 22, "update": 12, "total_updates": 22}
+
+
+def test_a_plan_grows_again_as_the_machine_speeds_up_at_most_max_growths_times(
+    tmp_path, monkeypatch):
+  """The projection rises step by step (a machine that keeps speeding up, or a cache that
+  fills): the plan grows each time it clearly can, GROWTH_ROWS (2) rows after its last re-plan,
+  and no more than MAX_GROWTHS (2) times; the learning rate still ends at 0."""
+  def projection(step, rate, remaining_s):
+    return 16 if step <= 4 else min(16 + 2 * (step - 4), 60)
+
+  monkeypatch.setattr(train_lib, "replanned_steps", projection)
+  monkeypatch.setattr(train_lib, "GROWTH_ROWS", 2)
+  monkeypatch.setattr(train_lib, "MAX_GROWTHS", 2)
+  result = train_lib.train(grow_config(steps=40), str(tmp_path / "regrow"), iterator())
+  # Rows every 2 steps, the first rate at row 4 (shrink to 16). Row 8 (2 rows later) projects 24
+  # >= 16 * 1.05: grown at update 8; row 12 projects 32: grown at update 12; then no more.
+  replans = ((4, 16), (8, 24), (12, 32))
+  assert result.replans == replans and result.planned_steps == 32
+  rows = [row for row in result.history if "loss" in row]
+  assert rows[-1]["step"] == 32
+  for row in rows:
+    np.testing.assert_allclose(
+        row["learning_rate"], reference_rate(row["step"] - 1, 1e-3, 2, 40, replans), rtol=1e-6)
+  assert reference_rate(32, 1e-3, 2, 40, replans) == 0.0
 
 
 def test_a_plan_never_grows_past_its_steps(tmp_path, monkeypatch):
@@ -210,7 +235,7 @@ def test_a_plan_never_grows_past_its_steps(tmp_path, monkeypatch):
                       lambda step, rate, remaining: 16 if step <= 4 else 100)
   monkeypatch.setattr(train_lib, "GROWTH_ROWS", 4)
   result = train_lib.train(grow_config(), str(tmp_path / "capped"), iterator())
-  assert result.replans == ((4, 16), (11, 24)) and result.planned_steps == 24
+  assert result.replans == ((4, 16), (12, 24)) and result.planned_steps == 24
 
 
 def test_without_the_option_the_plan_is_kept(tmp_path, monkeypatch):
