@@ -6,16 +6,19 @@ Command:
 Expected on 2 cores: corpus build ~1 min (once, cached afterwards), training for its 540 s
 limit (a budget of 10000 steps, more than a 2-core machine has fitted: ~8800 at ~17 steps/s
 on 2026-12-06, ~5900 at 11 steps/s; the learning-rate schedule is re-planned to the steps that
-fit, grown back once if the machine speeds up, and still annealed to 0; the report says so),
+fit, grown back (up to four times) if the machine speeds up, and still annealed to 0; the
+report says so),
 fine-tuning and test evaluation ~2.5-4 min; 12-14 min in all from a fresh clone (`.venv` from
 scratch included). Spending the whole 540 s instead of stopping at 5400 steps: +0.30 dB
 validation SI-SNRi at the last exit (README, probe rows 42-43).
-Results (README, "Latest run", 2026-12-07, session 20, fresh clone: 5204 of the 10000 steps
-fitted at ~10 steps/s, three re-plans, 13 min 15 s in all): test SI-SNRi 5.32 / 5.69 / 6.02 dB
-at exits 1 / 2 / 3, 0.038 / 0.042 / 0.055 GMAC/s; PIT KS 0.074 / 0.077 / 0.035. On slower days
-(8-9 steps/s, 3900-4400 steps; sessions 15-17) the same recipe reached 5.28-5.41 dB at the last
-exit. The previous recipe (one RNN block per exit) on a fast day, 9065 steps at ~17.5 steps/s:
-6.04 / 6.52 / 6.77 dB; three seeds at 7500 steps: 5.65-6.22 dB at the last exit.
+Results (README, "Latest run", 2026-12-07, session 23, fresh clone: 7864 of the 10000 steps
+fitted at 14-19 steps/s on a fast phase of the machine, the plan shortened once and grown four
+times, 12 min 31 s in all): test SI-SNRi 5.57 / 6.02 / 6.31 dB at exits 1 / 2 / 3, 0.038 /
+0.042 / 0.055 GMAC/s; PIT KS 0.086 / 0.072 / 0.034. Session 20 (5204 steps at ~10 steps/s):
+5.32 / 5.69 / 6.02 dB. On slower days (8-9 steps/s, 3900-4400 steps; sessions 15-17) the same
+recipe reached 5.28-5.41 dB at the last exit; three seeds at 7500 steps: 5.65-6.22 dB.
+The training loader keeps the decoded corpus in memory (data.train_cache_gib, ~0.9 GiB here):
+without it the demo trains ~20 % fewer steps (README, "Speed").
 Sweeps: python -m experiments.sweep --config demo --sweep seeds --root runs/demo_seeds
 """
 
