@@ -167,6 +167,17 @@ def grow_config(steps=24):
       peak_learning_rate=1e-3, warmup_steps=2, total_steps=steps))
 
 
+def assert_annealed_on_the_plan(result, total, replans):
+  """Every logged rate follows the re-planned reference (peak 1e-3, warmup 2, `total` updates),
+  the run reached its last plan, and the rate is 0 there."""
+  rows = [row for row in result.history if "loss" in row]
+  assert rows[-1]["step"] == result.planned_steps
+  for row in rows:
+    np.testing.assert_allclose(
+        row["learning_rate"], reference_rate(row["step"] - 1, 1e-3, 2, total, replans), rtol=1e-6)
+  assert reference_rate(result.planned_steps, 1e-3, 2, total, replans) == 0.0
+
+
 def test_a_shortened_plan_grows_back_when_more_fits(tmp_path, monkeypatch):
   """24 planned steps; at step 4 the projection says 16 fit (shortened); later 22 fit (the
   machine got faster). The plan may grow only GROWTH_ROWS rows of rate after its last re-plan
@@ -193,12 +204,7 @@ def test_a_shortened_plan_grows_back_when_more_fits(tmp_path, monkeypatch):
   assert not result.stopped_early
   # One step function, traced (and compiled) once: the re-plans changed its input only.
   assert len(built) == 1 and built[0]._cache_size() == 1
-  rows = [row for row in result.history if "loss" in row]
-  assert rows[-1]["step"] == 22
-  for row in rows:
-    np.testing.assert_allclose(
-        row["learning_rate"], reference_rate(row["step"] - 1, 1e-3, 2, 24, replans), rtol=1e-6)
-  assert reference_rate(22, 1e-3, 2, 24, replans) == 0.0
+  assert_annealed_on_the_plan(result, 24, replans)
   # Rows between the two re-plans decided but had too few rows to grow; after growing, later
   # rows still decide and change nothing.
   assert any(4 < d < 12 for d in decisions) and any(d > 12 for d in decisions)
@@ -222,12 +228,7 @@ def test_a_plan_grows_again_as_the_machine_speeds_up_at_most_max_growths_times(
   # >= 16 * 1.05: grown at update 8; row 12 projects 32: grown at update 12; then no more.
   replans = ((4, 16), (8, 24), (12, 32))
   assert result.replans == replans and result.planned_steps == 32
-  rows = [row for row in result.history if "loss" in row]
-  assert rows[-1]["step"] == 32
-  for row in rows:
-    np.testing.assert_allclose(
-        row["learning_rate"], reference_rate(row["step"] - 1, 1e-3, 2, 40, replans), rtol=1e-6)
-  assert reference_rate(32, 1e-3, 2, 40, replans) == 0.0
+  assert_annealed_on_the_plan(result, 40, replans)
 
 
 def test_a_plan_never_grows_past_its_steps(tmp_path, monkeypatch):
