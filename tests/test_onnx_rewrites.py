@@ -116,7 +116,7 @@ def test_scan_loop_becomes_scan_with_the_same_outputs():
   after = _run(model, a=a, b=b)
   assert counts == {"hoist_loop_invariants": 2, "loops_to_scans": 1, "unroll_constant_scans": 0,
                     "einsums_to_matmuls": 0, "split_projections": 0,
-                    "gelus_in_fused_order": 0}
+                    "gelus_in_fused_order": 0, "identity_casts_to_identities": 0}
   assert _op_types(model.graph) == ["Identity", "Neg", "Scan"]  # Identity: b_final = b.
   (scan,) = [n for n in model.graph.node if n.op_type == "Scan"]
   body = scan.attribute[0].g
@@ -240,6 +240,8 @@ def test_jax2onnx_scans_of_layers_and_of_frames_are_rewritten():
     return ops
 
   assert "Loop" not in all_ops(proto.graph) and all_ops(proto.graph).count("Scan") == 2
+  # jax2onnx's scan bodies end in Casts of their FLOAT outputs to FLOAT: Identities now.
+  assert counts["identity_casts_to_identities"] >= 2 and "Cast" not in all_ops(proto.graph)
   after = _run(proto, **{i.name: v for i, v in zip(proto.graph.input, (weights, x))})
   np.testing.assert_array_equal(after[0], before[0])
   np.testing.assert_allclose(after[0], np.asarray(layers(weights, x)), rtol=1e-5, atol=1e-6)
@@ -447,3 +449,53 @@ def test_jax2onnx_gelu_is_rewritten_and_equals_jax():
   assert onnx_rewrites.gelus_in_fused_order(proto.graph) == 1
   np.testing.assert_allclose(_run(proto, **{proto.graph.input[0].name: x})[0],
                              np.asarray(jax.nn.gelu(x) * 2.0), rtol=2e-6, atol=4e-6)
+
+
+def _cast_scan_model():
+  """A Scan of h_i = a_i * h_{i-1} + b_i whose body ends as jax2onnx's do, each output a Cast
+  to FLOAT of a FLOAT; the top-level graph adds a Cast FLOAT -> FLOAT (a no-op) and a Cast
+  FLOAT -> INT32 (a real conversion, which stays)."""
+  onnx, tensor, helper = _helpers()
+  body = helper.make_graph(
+      [helper.make_node("Mul", ["a_i", "h"], ["ah"]),
+       helper.make_node("Add", ["ah", "b_i"], ["h_next"]),
+       helper.make_node("Cast", ["h_next"], ["h_fixed"], to=tensor.FLOAT),
+       helper.make_node("Cast", ["h_next"], ["h_seq"], to=tensor.FLOAT)],
+      "body", [_value("h", [ROWS]), _value("a_i", [ROWS]), _value("b_i", [ROWS])],
+      [_value("h_fixed", [ROWS]), _value("h_seq", [ROWS])])
+  graph = helper.make_graph(
+      [helper.make_node("Scan", ["h0", "a", "b"], ["h_final", "h_all"], body=body,
+                        num_scan_inputs=2),
+       helper.make_node("Cast", ["h_all"], ["h_all_float"], to=tensor.FLOAT),
+       helper.make_node("Mul", ["h_all_float", "ten"], ["scaled"]),
+       helper.make_node("Cast", ["scaled"], ["scaled_int"], to=tensor.INT32)],
+      "casts", [_value("a", [STEPS, ROWS]), _value("b", [STEPS, ROWS])],
+      [_value("h_final", [ROWS]), _value("h_all_float", [STEPS, ROWS]),
+       helper.make_tensor_value_info("scaled_int", tensor.INT32, [STEPS, ROWS])],
+      initializer=[helper.make_tensor("h0", tensor.FLOAT, [ROWS], [0.5] * ROWS),
+                   helper.make_tensor("ten", tensor.FLOAT, [], [10.0])])
+  del onnx
+  return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_identity_casts_become_identities_with_the_same_outputs():
+  """The three Casts to FLOAT of a FLOAT (two in the Scan body, one a graph output) become
+  Identities, the Cast to INT32 stays; outputs bit-identical and equal to a numpy loop."""
+  onnx, tensor, _ = _helpers()
+  a, b = _inputs()
+  model = _cast_scan_model()
+  before = _run(model, a=a, b=b)
+  assert onnx_rewrites.identity_casts_to_identities(
+      model.graph, onnx_rewrites._element_types(model)) == 3  # pylint: disable=protected-access
+  onnx.checker.check_model(model, full_check=True)
+  body = model.graph.node[0].attribute[0].g
+  assert _op_types(body) == ["Add", "Identity", "Identity", "Mul"]
+  (cast,) = [n for n in model.graph.node if n.op_type == "Cast"]
+  assert cast.attribute[0].i == tensor.INT32
+  after = _run(model, a=a, b=b)
+  for got, want in zip(after, before):
+    np.testing.assert_array_equal(got, want)
+  final, states = _numpy_scan(a, b)
+  np.testing.assert_allclose(after[0], final, rtol=1e-6)
+  np.testing.assert_allclose(after[1], states, rtol=1e-6)
+  np.testing.assert_array_equal(after[2], (states * 10).astype(np.int32))

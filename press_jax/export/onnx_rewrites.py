@@ -4,7 +4,7 @@ jax2onnx 0.17 lowers every `lax.scan` to an ONNX `Loop` whose loop-carried state
 scan's inputs (`xs`, whole) beside its carry; the body takes element i with a `Gather` and
 passes the whole `xs` on to the next iteration through an `Identity`, which onnxruntime runs
 as a copy. Every `Dense` becomes an `Einsum` ("abc,cd->abd"), and a fused projection's pieces
-are cut apart by a `Split` (a copy). Six rewrites, applied in this order by `rewrite`
+are cut apart by a `Split` (a copy). Seven rewrites, applied in this order by `rewrite`
 (press_jax/export/onnx_graphs.py calls it on every graph it writes):
 
 1. `hoist_loop_invariants`: a loop-carried value that the body passes through unchanged leaves
@@ -31,6 +31,16 @@ are cut apart by a `Split` (a copy). Six rewrites, applied in this order by `rew
    own optimisation at load time: the file keeps standard ONNX ops). Its kernel rounds
    differently from the eight operations: outputs then move by float32 rounding (4.8e-7 max
    abs on S's exit-1 graph), not bit-identical.
+7. `identity_casts_to_identities`: jax2onnx ends every scan body with a `Cast` of each output
+   to the type it already has (its "scan_dtype_fix"), so each of the two-pass recurrence's
+   chunk sweeps copied its state twice per step (S's exit-2 graph: ~4000 Cast calls per
+   call, ~10 % of onnxruntime's node time). A Cast to its input's own element type becomes an
+   `Identity`, which onnxruntime aliases instead of copying: bit-identical outputs. They are
+   not removed outright: with the body outputs then named by the `Add`/`Mul` that make them,
+   onnxruntime 1.32 returned wrong outputs (0.2-0.6 max abs against JAX on the demo's
+   perturbed parameters, 2026-12-07), so the names stay and only the copy goes. Measured on
+   S's exit-3 graph, 10 s of audio, after 1-6, interleaved (session 24, `/tmp` script):
+   3.26 -> 2.94 s (medians of 7 rounds; faster in each of the 7).
 
 Measured on S's exit-1 graph, 4 s of audio, one process, interleaved (2026-12-07, README
 "Export"): onnxruntime 1456 ms as converted, 1236 after 1 and 4, 1083 after 1, 2 and 4
@@ -48,7 +58,8 @@ from typing import Any
 import numpy as np
 
 ONNX_REWRITES = ("hoist_loop_invariants", "loops_to_scans", "unroll_constant_scans",
-                 "einsums_to_matmuls", "split_projections", "gelus_in_fused_order")
+                 "einsums_to_matmuls", "split_projections", "gelus_in_fused_order",
+                 "identity_casts_to_identities")
 
 
 def _subgraphs(node) -> list[Any]:
@@ -527,6 +538,46 @@ def gelus_in_fused_order(graph, _scopes: tuple = ()) -> int:
   return count
 
 
+def _element_types(proto) -> dict[str, int]:
+  """{value name: ONNX element type} over the graph and every subgraph, from onnx's shape
+  inference (on a copy); names are unique within a jax2onnx model."""
+  from onnx import shape_inference  # noqa: PLC0415 (the optional extra)
+
+  types: dict[str, int] = {}
+
+  def collect(graph):
+    for value in [*graph.input, *graph.output, *graph.value_info]:
+      if value.type.HasField("tensor_type") and value.type.tensor_type.elem_type:
+        types[value.name] = value.type.tensor_type.elem_type
+    for init in graph.initializer:
+      types[init.name] = init.data_type
+    for node in graph.node:
+      for body in _subgraphs(node):
+        collect(body)
+
+  collect(shape_inference.infer_shapes(proto).graph)
+  return types
+
+
+def identity_casts_to_identities(graph, types: dict[str, int]) -> int:
+  """Casts to the element type their input already has become Identities (module docstring);
+  `types` as `_element_types` gives them. Casts whose input type is unknown stay."""
+  import onnx  # noqa: PLC0415
+
+  count = 0
+  for node in graph.node:
+    for body in _subgraphs(node):
+      count += identity_casts_to_identities(body, types)
+    if node.op_type != "Cast":
+      continue
+    target = next(onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "to")
+    if types.get(node.input[0]) == target:
+      node.op_type = "Identity"
+      del node.attribute[:]
+      count += 1
+  return count
+
+
 def _drop_unused_initializers(graph) -> int:
   used: set[str] = set()
 
@@ -563,5 +614,7 @@ def rewrite(proto) -> dict[str, int]:
             "einsums_to_matmuls": einsums_to_matmuls(graph)}
   counts["split_projections"] = split_projections(graph, _value_ranks(proto))
   counts["gelus_in_fused_order"] = gelus_in_fused_order(graph)
+  counts["identity_casts_to_identities"] = identity_casts_to_identities(
+      graph, _element_types(proto))
   _drop_unused_initializers(graph)
   return counts
