@@ -30,6 +30,22 @@ the fewest faults of 10 calls: 15,000 with glibc's defaults, 0 with either; aver
 `PRESS_JAX_MALLOC=off` leaves the allocator as it is; so does any `MALLOC_*` variable already
 set (the user's choice wins). Not glibc (macOS, musl): nothing is done. Accelerators are
 unaffected: their buffers are not host allocations.
+
+**Programs with a multi-GiB temporary buffer** (`fit_program`). XLA:CPU gives each execution of
+a program one temporary buffer. Above `TRIM_THRESHOLD` (2 GiB - 1, the largest value mallopt
+takes), the heap-only settings fail: a freed top block that large is trimmed, so its pages fault
+again on the next call, and a freed one that is not at the top is split by the next small
+allocations, so the next execution's buffer goes on top of the heap and the heap grows by one
+buffer at a time. Measured (2026-12-08, session 25): the S preset's training step with 2 s
+crops and no remat (a 4.54 GiB temporary buffer) in the trainer
+(`python -m experiments.budget_probe --config S --config.data.crop_seconds=2.0
+--config.train.remat=False ...`) grew to 22.8 GB and was killed by the kernel's OOM killer
+within 2.5 minutes at 0.13 steps/s, against a flat 6.0 GB and 0.25 steps/s with glibc's defaults;
+with remat and 4 s crops (1.54 GiB) the heap stayed at 7.4 GB. So a caller that compiled a
+program passes its temporary size to `fit_program`, which, above `TRIM_THRESHOLD`, maps blocks
+of `MMAP_THRESHOLD` (32 MiB, glibc's largest) and more again: the large buffer is mapped and
+unmapped per call as with glibc's defaults, the small ones stay on the heap. The trainer does
+this for its step (press_jax/train.py).
 """
 
 from __future__ import annotations
@@ -45,10 +61,16 @@ _OFF = ("off", "0", "false", "none", "no")
 ENVIRONMENT = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "100000000000",
                "MALLOC_ARENA_MAX": "1"}
 # mallopt parameters (glibc's malloc.h) and the values `configure` sets.
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
-_SETTINGS = ((_M_TRIM_THRESHOLD, 2**31 - 1), (_M_MMAP_MAX, 0), (_M_ARENA_MAX, 1))
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
+TRIM_THRESHOLD = 2**31 - 1  # The largest value mallopt takes (an int).
+_SETTINGS = ((_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_MMAP_MAX, 0), (_M_ARENA_MAX, 1))
+# What `fit_program` sets for a program whose temporary buffer exceeds TRIM_THRESHOLD: blocks
+# from glibc's largest mmap threshold on 64-bit (32 MiB) are mapped again; glibc's default count.
+MMAP_THRESHOLD = 32 * 2**20
+_LARGE_PROGRAM_SETTINGS = ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_MMAP_MAX, 65536))
 
 _state: str | None = None
+_large_blocks_mapped = False
 
 
 def environment_settings(environ=None) -> dict[str, str]:
@@ -77,8 +99,35 @@ def configure() -> str:
     try:
       libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
       libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-      accepted = [libc.mallopt(parameter, value) == 1 for parameter, value in _SETTINGS]
-      _state = "mallopt" if all(accepted) else "unavailable"
+      _state = "mallopt" if _mallopt(_SETTINGS) else "unavailable"
     except (OSError, AttributeError):
       _state = "unavailable"
   return _state
+
+
+def _mallopt(settings) -> bool:
+  libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+  libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+  return all([libc.mallopt(parameter, value) == 1 for parameter, value in settings])
+
+
+def fit_program(temp_bytes: int) -> bool:
+  """Maps large blocks again if a program's temporary buffer exceeds TRIM_THRESHOLD bytes.
+
+  `temp_bytes`: `compiled.memory_analysis().temp_size_in_bytes` of a program this process runs
+  repeatedly (the trainer's step). Acts only on the settings of this module (`configure`'s
+  mallopt, or `ENVIRONMENT` set before start-up), never on a user's own `MALLOC_*` choice or
+  with `PRESS_JAX_MALLOC=off`. Returns whether large blocks are mapped (now or by an earlier
+  call); once mapped they stay so for the process.
+  """
+  global _large_blocks_mapped
+  if temp_bytes < 0:
+    raise ValueError(f"allocator.fit_program: temp_bytes must be >= 0, got {temp_bytes}")
+  ours = _state == "mallopt" or (_state in (None, "environment")
+                                 and environment_settings() == ENVIRONMENT)
+  if not _large_blocks_mapped and ours and temp_bytes > TRIM_THRESHOLD:
+    try:
+      _large_blocks_mapped = _mallopt(_LARGE_PROGRAM_SETTINGS)
+    except (OSError, AttributeError):
+      pass
+  return _large_blocks_mapped

@@ -89,3 +89,93 @@ def test_environment_settings_are_the_malloc_variables():
   from press_jax import allocator
   assert allocator.environment_settings({"MALLOC_ARENA_MAX": "1", "PATH": "/bin"}) == {
       "MALLOC_ARENA_MAX": "1"}
+
+
+# fit_program in a fresh process, before the first large output: with a reported size at
+# TRIM_THRESHOLD nothing changes and the 61 MB output above stays on the heap (few faults);
+# above it, blocks of 32 MiB and more are mapped per call again (glibc serves a block from free
+# heap memory first, so the report comes before the program runs, as the trainer makes it).
+_FIT = """
+import json, resource, sys
+from press_jax import allocator
+state = allocator.configure()
+mapped = allocator.fit_program(int(sys.argv[1]))
+again = allocator.fit_program(0)
+import jax, jax.numpy as jnp
+a = jnp.ones((20006, 64), jnp.float32); b = jnp.ones((64, 768), jnp.float32)
+f = jax.jit(lambda a, b: a @ b)
+for _ in range(3):
+  jax.block_until_ready(f(a, b))
+faults = []
+for _ in range(10):
+  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+  out = f(a, b); jax.block_until_ready(out)
+  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"state": state, "mapped": mapped, "again": again,
+                  "faults_per_call": min(faults), "value": float(out[0, 0])}))
+"""
+
+
+@pytest.mark.skipif(not ON_GLIBC, reason="mallopt is glibc's; elsewhere configure() does nothing")
+def test_fit_program_maps_large_blocks_again_above_the_trim_threshold():
+  from press_jax import allocator
+  default = _run(_FAULTS, "default")
+  at = _run(_FIT, str(allocator.TRIM_THRESHOLD))
+  above = _run(_FIT, str(allocator.TRIM_THRESHOLD + 1))
+  assert at["state"] == above["state"] == "mallopt"
+  assert (at["mapped"], at["again"], above["mapped"], above["again"]) == (
+      False, False, True, True)
+  assert default["value"] == at["value"] == above["value"] == 64.0
+  assert default["faults_per_call"] > 10_000, default
+  assert at["faults_per_call"] < 0.25 * default["faults_per_call"], (default, at)
+  # The 61 MB output is above MMAP_THRESHOLD (32 MiB): mapped afresh, as glibc's defaults do.
+  assert above["faults_per_call"] > 0.5 * default["faults_per_call"], (default, above)
+
+
+_FIT_STATE = ("import json; from press_jax import allocator; s = allocator.configure(); "
+              "print(json.dumps({'state': s, 'mapped': allocator.fit_program(2**33)}))")
+
+
+@pytest.mark.skipif(not ON_GLIBC, reason="MALLOC_* variables are glibc's")
+@pytest.mark.parametrize("environment, expected", [
+    ({"PRESS_JAX_MALLOC": "off"}, {"state": "off", "mapped": False}),
+    ({"MALLOC_ARENA_MAX": "2"}, {"state": "environment", "mapped": False}),  # The user's own.
+    ("ours", {"state": "environment", "mapped": True}),  # allocator.ENVIRONMENT before start.
+])
+def test_fit_program_acts_on_this_modules_settings_only(environment, expected):
+  from press_jax import allocator
+  environment = dict(allocator.ENVIRONMENT) if environment == "ours" else environment
+  assert _run(_FIT_STATE, **environment) == expected
+
+
+def test_fit_program_refuses_a_negative_size():
+  from press_jax import allocator
+  with pytest.raises(ValueError, match="temp_bytes must be >= 0"):
+    allocator.fit_program(-1)
+
+
+def test_the_trainer_reports_its_compiled_steps_temporary_buffer(tmp_path, monkeypatch):
+  """press_jax.train passes the step's temporary-buffer size to fit_program once, before the
+  first step, and that first call reuses the compilation (one compiled step)."""
+  from press_jax import optim
+  from press_jax import train as train_lib
+  from tests import mock_data
+  from tests.model_util import SMALL
+
+  reported, built = [], []
+  original = train_lib.step_lib.parallel_train_step
+
+  def parallel_train_step(*args, **kwargs):
+    built.append(original(*args, **kwargs))
+    return built[-1]
+  monkeypatch.setattr(train_lib.allocator, "fit_program",
+                      lambda temp_bytes: reported.append(temp_bytes) or False)
+  monkeypatch.setattr(train_lib.step_lib, "parallel_train_step", parallel_train_step)
+  config = train_lib.TrainConfig(
+      model="tiny", model_overrides=dict(SMALL), steps=3, log_every=1, eval_every=0,
+      checkpoint_every=3, batch_size_per_device=2,
+      optimizer=optim.OptimizerConfig(peak_learning_rate=1e-3, warmup_steps=1, total_steps=3))
+  result = train_lib.train(config, str(tmp_path / "run"), mock_data.MockIterator(1, 2, 2000))
+  assert [row["step"] for row in result.history if "loss" in row] == [1, 2, 3]
+  assert len(reported) == 1 and isinstance(reported[0], int) and reported[0] > 0, reported
+  assert len(built) == 1 and built[0]._cache_size() == 1
