@@ -19,7 +19,12 @@ ON_GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 _FAULTS = """
 import json, resource, sys
 from press_jax import allocator
-state = allocator.configure() if sys.argv[1] == "configure" else "untouched"
+mode = sys.argv[1]  # 'default', 'configure', or 'fit:BYTES' (configure, then fit_program)
+state = "untouched" if mode == "default" else allocator.configure()
+mapped = again = None
+if mode.startswith("fit:"):  # Before the first large output, as the trainer reports.
+  mapped = allocator.fit_program(int(mode[4:]))
+  again = allocator.fit_program(0)
 import jax, jax.numpy as jnp, numpy as np
 a = jnp.ones((20006, 64), jnp.float32); b = jnp.ones((64, 768), jnp.float32)
 f = jax.jit(lambda a, b: a @ b)
@@ -32,7 +37,8 @@ for _ in range(10):
   faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 # The fewest of 10 calls: a loaded machine adds faults of its own to some calls (reclaimed
 # pages), but glibc's defaults fault the whole output on every one.
-print(json.dumps({"state": state, "faults_per_call": min(faults), "value": float(out[0, 0])}))
+print(json.dumps({"state": state, "faults_per_call": min(faults), "value": float(out[0, 0]),
+                  "mapped": mapped, "again": again}))
 """
 
 
@@ -91,37 +97,16 @@ def test_environment_settings_are_the_malloc_variables():
       "MALLOC_ARENA_MAX": "1"}
 
 
-# fit_program in a fresh process, before the first large output: with a reported size at
-# TRIM_THRESHOLD nothing changes and the 61 MB output above stays on the heap (few faults);
-# above it, blocks of 32 MiB and more are mapped per call again (glibc serves a block from free
-# heap memory first, so the report comes before the program runs, as the trainer makes it).
-_FIT = """
-import json, resource, sys
-from press_jax import allocator
-state = allocator.configure()
-mapped = allocator.fit_program(int(sys.argv[1]))
-again = allocator.fit_program(0)
-import jax, jax.numpy as jnp
-a = jnp.ones((20006, 64), jnp.float32); b = jnp.ones((64, 768), jnp.float32)
-f = jax.jit(lambda a, b: a @ b)
-for _ in range(3):
-  jax.block_until_ready(f(a, b))
-faults = []
-for _ in range(10):
-  before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-  out = f(a, b); jax.block_until_ready(out)
-  faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(json.dumps({"state": state, "mapped": mapped, "again": again,
-                  "faults_per_call": min(faults), "value": float(out[0, 0])}))
-"""
-
-
+# fit_program in a fresh process, before the first large output (`_FAULTS` 'fit:BYTES'): with
+# a reported size at TRIM_THRESHOLD nothing changes and the 61 MB output stays on the heap (few
+# faults); above it, blocks of 32 MiB and more are mapped per call again (glibc serves a block
+# from free heap memory first, so the report comes before the program runs, as the trainer's).
 @pytest.mark.skipif(not ON_GLIBC, reason="mallopt is glibc's; elsewhere configure() does nothing")
 def test_fit_program_maps_large_blocks_again_above_the_trim_threshold():
   from press_jax import allocator
   default = _run(_FAULTS, "default")
-  at = _run(_FIT, str(allocator.TRIM_THRESHOLD))
-  above = _run(_FIT, str(allocator.TRIM_THRESHOLD + 1))
+  at = _run(_FAULTS, f"fit:{allocator.TRIM_THRESHOLD}")
+  above = _run(_FAULTS, f"fit:{allocator.TRIM_THRESHOLD + 1}")
   assert at["state"] == above["state"] == "mallopt"
   assert (at["mapped"], at["again"], above["mapped"], above["again"]) == (
       False, False, True, True)
