@@ -39,9 +39,9 @@ allocations, so the next execution's buffer goes on top of the heap and the heap
 buffer at a time. Measured (2026-12-08, session 25): the S preset's training step with 2 s
 crops and no remat (a 4.54 GiB temporary buffer) in the trainer
 (`python -m experiments.budget_probe --config S --config.data.crop_seconds=2.0
---config.train.remat=False ...`) grew to 22.8 GB and was killed by the kernel's OOM killer
-within 2.5 minutes at 0.13 steps/s, against a flat 6.0 GB and 0.25 steps/s with glibc's defaults;
-with remat and 4 s crops (1.54 GiB) the heap stayed at 7.4 GB. So a caller that compiled a
+--config.train.remat=False ...`) grew to 22.8 GiB and was killed by the kernel's OOM killer
+within 2.5 minutes at 0.13 steps/s, against a flat 6.0 GiB and 0.25 steps/s with glibc's defaults;
+with remat and 4 s crops (1.54 GiB) the heap stayed at 7.4 GiB. So a caller that compiled a
 program passes its temporary size to `fit_program`, which, above `TRIM_THRESHOLD`, maps blocks
 of `MMAP_THRESHOLD` (32 MiB, glibc's largest) and more again: the large buffer is mapped and
 unmapped per call as with glibc's defaults, the small ones stay on the heap. The trainer does
