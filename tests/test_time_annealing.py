@@ -98,6 +98,18 @@ def test_replanned_steps_projects_with_a_margin():
   assert train_lib.replanned_steps(100, 10.0, -5.0) == 100  # Out of time: stop here.
 
 
+def test_a_late_miss_is_measured_against_the_steps_left():
+  """2 % of the steps still to run, not of the plan: late in a run the latter is more than what
+  is left. The session-26 demo grew its plan to 8958 steps and stopped at its time limit at 8849:
+  a projection that far short at step 8000 shortens the plan; one 1 % short does not, and early
+  in the run a shortfall of 100 steps is within the tolerance."""
+  assert train_lib.falls_short(8000, 8849, 8958)  # 849 of 958 left: 11 % short.
+  assert not train_lib.falls_short(8000, 8949, 8958)  # 949 of 958: 0.9 % short.
+  assert not train_lib.falls_short(1000, 8858, 8958)  # 7858 of 7958: 1.3 % short.
+  assert train_lib.falls_short(1000, 8700, 8958)  # 7700 of 7958: 3.2 % short.
+  assert not train_lib.falls_short(8958, 8958, 8958)  # At the end: nothing left to miss.
+
+
 def make_config(**values):
   # The tiny preset made smaller (each re-plan recompiles the step; the model is not the point).
   base = dict(model="tiny", model_overrides=dict(SMALL), steps=12, log_every=2, eval_every=0,
@@ -237,6 +249,20 @@ def test_a_plan_never_grows_past_its_steps(tmp_path, monkeypatch):
   monkeypatch.setattr(train_lib, "GROWTH_ROWS", 4)
   result = train_lib.train(grow_config(), str(tmp_path / "capped"), iterator())
   assert result.replans == ((4, 16), (12, 24)) and result.planned_steps == 24
+
+
+def test_a_small_late_miss_shortens_the_plan(tmp_path, monkeypatch):
+  """60 planned steps; from step 50 on the projection is one step short (59): under 2 % of the
+  plan, but 10 % of the 10 steps left. The plan is shortened to 59 there and the run ends on it,
+  annealed; before step 50 (the same plan fitting) nothing changes."""
+  monkeypatch.setattr(train_lib, "replanned_steps",
+                      lambda step, rate, remaining: 60 if step < 50 else 59)
+  result = train_lib.train(grow_config(steps=60), str(tmp_path / "late"), iterator())
+  assert len(result.replans) == 1 and result.planned_steps == 59
+  [(update, total)] = result.replans
+  assert 50 <= update < 59 and total == 59
+  assert not result.stopped_early
+  assert_annealed_on_the_plan(result, 60, result.replans)
 
 
 def test_without_the_option_the_plan_is_kept(tmp_path, monkeypatch):
