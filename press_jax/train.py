@@ -130,7 +130,7 @@ class TrainResult:
 
 SCHEDULE_FILE = "schedule.json"
 REPLAN_MARGIN = 0.97  # Plan for this share of the projected steps (checkpoints, drift).
-REPLAN_TOLERANCE = 0.98  # Shorten only if the projection misses this share of the steps left (falls_short).
+REPLAN_TOLERANCE = 0.98  # Shorten if the projection misses this share of the steps left.
 # A shortened plan grows back (towards `steps`, at most MAX_GROWTHS times per call) when the
 # projection exceeds it by this factor: a plan made at the first measured rates leaves time
 # unused on a machine that then runs faster (the demo: 56 of its 540 s in session 11; 110 s in
