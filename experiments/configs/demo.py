@@ -16,8 +16,9 @@ fitted at 13-19 steps/s, 12 min 32 s in all): test SI-SNRi 5.73 / 6.16 / 6.45 dB
 1 / 2 / 3, 0.038 / 0.042 / 0.055 GMAC/s; PIT KS 0.109 / 0.069 / 0.074. With LayerScale at
 1e-5 the same day: 5.50 / 5.93 / 6.23 dB in 7087 steps, PIT KS 0.086 / 0.054 / 0.039.
 Session 23 (7864 steps at 14-19 steps/s): 5.57 / 6.02 / 6.31 dB. Session 20 (5204 steps at
-~10 steps/s): 5.32 / 5.69 / 6.02 dB. On slower days (8-9 steps/s, 3900-4400 steps; sessions 15-17) the same
-recipe reached 5.28-5.41 dB at the last exit; three seeds at 7500 steps: 5.65-6.22 dB.
+~10 steps/s): 5.32 / 5.69 / 6.02 dB. On slower days (8-9 steps/s, 3900-4400 steps; sessions
+15-17) the previous recipe reached 5.28-5.41 dB at the last exit; three seeds at 7500 steps:
+5.65-6.22 dB.
 The training loader keeps the decoded corpus in memory (data.train_cache_gib, ~0.9 GiB here):
 without it the demo trains ~20 % fewer steps (README, "Speed").
 Sweeps: python -m experiments.sweep --config demo --sweep seeds --root runs/demo_seeds
