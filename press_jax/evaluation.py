@@ -54,7 +54,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, PartitionSpec
 
-from press_jax import calibration, compute, exit_criteria, exit_rule, metrics
+from press_jax import allocator, calibration, compute, exit_criteria, exit_rule, metrics
 from press_jax import train_step as step_lib
 from press_jax.likelihoods import block_sums
 from press_jax.models.press_net import PressNet
@@ -468,6 +468,7 @@ class Evaluator:
     self.plan, self._table_rows = make_plan(model, gmac_per_exit, policy, with_calibration,
                                             with_sdr)
     self._step = _evaluation_step(model, self.plan, self.mesh)
+    self._fitted_shapes: set[tuple] = set()  # Batch shapes passed to allocator.fit_jitted.
     self._params = None
     self.reset(params)
 
@@ -494,7 +495,14 @@ class Evaluator:
     local = with_example_mask(batch)
     state = dict(self._params, batch_index=jax.device_put(
         np.int32(self._batches), step_lib.replicated(self.mesh)))
-    outputs = self._step(state, step_lib.global_batch(self.mesh, local, BATCH_INPUTS))
+    inputs = step_lib.global_batch(self.mesh, local, BATCH_INPUTS)
+    shape = tuple(sorted((name, tuple(value.shape)) for name, value in inputs.items()))
+    if shape not in self._fitted_shapes and not allocator.large_blocks_mapped():
+      # A program with a multi-GiB temporary buffer run batch after batch: host blocks that
+      # large are mapped per call (press_jax/allocator.py); compiled once, then reused.
+      allocator.fit_jitted(self._step, state, inputs)
+      self._fitted_shapes.add(shape)
+    outputs = self._step(state, inputs)
     self._collect()
     self._pending = (outputs, local)
     self._batches += 1

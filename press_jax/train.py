@@ -196,22 +196,6 @@ def validate(evaluator, params, make_eval_iterator: Callable[[], Iterator]) -> d
           "si_snr_improvement": [entry["si_snri_db"] for entry in summary_["per_exit"]]}
 
 
-def fit_host_allocator(step_fn, *arguments) -> tuple[int, bool]:
-  """Compiles `step_fn` for `arguments` and passes its temporary-buffer size to
-  `allocator.fit_program` (a multi-GiB buffer is mapped per call instead of kept on a heap
-  that fragments: press_jax/allocator.py). Returns (that size in bytes, whether large blocks
-  are now mapped); (0, False) off the CPU or where XLA reports no size. The compilation is
-  JAX's cached one: the step's first call reuses it.
-  """
-  if jax.default_backend() != "cpu":
-    return 0, False  # Device buffers are not host allocations.
-  analysis = step_fn.lower(*arguments).compile().memory_analysis()
-  temp = getattr(analysis, "temp_size_in_bytes", None)
-  if temp is None:
-    return 0, False
-  return int(temp), allocator.fit_program(int(temp))
-
-
 def train(
     config: TrainConfig,
     workdir: str,
@@ -317,7 +301,7 @@ def train(
   window_start, window_step = started, step  # Wall time and step of the last log row.
   stopped_early = False
   pending = None  # Metrics of the previous step, read after the next one is dispatched.
-  step_temp_bytes = None  # The compiled step's temporary buffer (fit_host_allocator), once.
+  step_temp_bytes = None  # The compiled step's temporary buffer (allocator.fit_jitted), once.
   averaged = ("loss", "per_exit_loss", "per_exit_si_snr", "grad_norm")
   window_sums: dict[str, np.ndarray] = {}  # Sums over the finite steps since the last row.
   window_finite = 0
@@ -424,7 +408,7 @@ def train(
     while step < plan_steps:
       batch = step_lib.global_batch(mesh, next(train_iterator))
       if step_temp_bytes is None:
-        step_temp_bytes, mapped = fit_host_allocator(step_fn, state, batch, plan_table)
+        step_temp_bytes, mapped = allocator.fit_jitted(step_fn, state, batch, plan_table)
         if mapped:
           progress.message(f"the step's temporary buffer is {step_temp_bytes / 2**30:.2f} GiB: "
                            f"host blocks of {allocator.MMAP_THRESHOLD >> 20} MiB and more are "

@@ -164,3 +164,41 @@ def test_the_trainer_reports_its_compiled_steps_temporary_buffer(tmp_path, monke
   assert [row["step"] for row in result.history if "loss" in row] == [1, 2, 3]
   assert len(reported) == 1 and isinstance(reported[0], int) and reported[0] > 0, reported
   assert len(built) == 1 and built[0]._cache_size() == 1
+
+
+def test_the_evaluator_fits_each_batch_shape_once_and_compiles_once(monkeypatch):
+  """press_jax.evaluation passes its step's temporary-buffer size to fit_program at each new
+  batch shape, and that compilation is the one the step then runs: one backend compilation per
+  shape (jax.monitoring's compile events), none for a repeated shape."""
+  import jax
+  import numpy as np
+  from press_jax import evaluation
+  from press_jax.models import press_net
+  from tests.model_util import SMALL
+
+  reported, compiles = [], []
+  monkeypatch.setattr(evaluation.allocator, "fit_program",
+                      lambda temp_bytes: reported.append(temp_bytes) or False)
+  model = press_net.create("tiny", **SMALL)
+  params = press_net.init_params(model, jax.random.key(0))
+  evaluator = evaluation.Evaluator(model, params, policy=None, with_calibration=False)
+  rng = np.random.default_rng(0)
+
+  def batch(samples):
+    sources = rng.standard_normal((2, 2, samples)).astype(np.float32) * 0.1
+    return {"mixture": sources.sum(1), "sources": sources,
+            "mask": np.ones((2, samples), np.float32)}
+
+  def listener(event, duration, fun_name="", **_):
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(fun_name)
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  try:
+    evaluator.run([batch(2000), batch(2000), batch(3000)])
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listener)
+  assert len(reported) == 2 and all(isinstance(b, int) and b > 0 for b in reported), reported
+  # Two shapes of the evaluation step, each compiled once: fit_jitted's compilation is the one
+  # the step runs (a separate one would make four). Nothing else compiles in this run.
+  assert evaluator._step._cache_size() == 2
+  assert len(compiles) == 2, compiles
