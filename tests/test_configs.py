@@ -178,6 +178,14 @@ def test_override_errors_name_the_field(assignment, message):
     assert f"--config.{assignment}" in str(error.value)
 
 
+def test_an_override_given_as_a_flag_is_refused_in_one_line():
+  """resolve(name, sets) takes 'field.path=value'; a command-line flag there is named as such
+  (it was reported as '--config.--config.train.seed=1: malformed node')."""
+  with pytest.raises(ValueError, match=r"'--config.train.seed=1': expected FIELD.PATH=VALUE "
+                                       r"here, without the --config\. of the command line"):
+    configs.resolve("tiny", ["--config.train.seed=1"])
+
+
 def test_override_validates_the_result():
   with pytest.raises(ValueError, match="batch_size_per_device"):
     configs.override(configs.get("tiny"), ["train.batch_size_per_device=0"])

@@ -288,6 +288,9 @@ def _override_flags(overrides: Sequence[str]) -> list[str]:
   argv = []
   for assignment in overrides:
     field, separator, _ = assignment.partition("=")
+    if field.startswith("-"):  # A command-line flag given where 'field.path=value' is expected.
+      raise ValueError(f"config override {assignment!r}: expected FIELD.PATH=VALUE here, "
+                       "without the --config. of the command line")
     if not separator or not field:
       raise ValueError(f"--config.{assignment}: expected --config.FIELD.PATH=VALUE")
     argv.append(f"--config.{assignment}")
